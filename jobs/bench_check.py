@@ -1,0 +1,132 @@
+"""Benchmark: the check pipeline's full decode (Ray Data) against a plain single-process PIL loop.
+
+    python jobs/bench_check.py                 # decode rate on 2,000 JPEGs, ours vs the loop, and the ratio
+    python jobs/bench_check.py --memory 20000  # plus peak RSS of a whole check_dataset run on 20k images
+
+Ray starts before the clock, as on a long-lived cluster; Ray Data's planning and task start-up are inside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import ray
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlcls_ray.data.images import DEFAULT_MAX_PIXELS  # noqa: E402
+from mlcls_ray.data.pipeline import decode_check  # noqa: E402
+
+
+def make_jpegs(folder: Path, n: int, size: tuple[int, int] = (640, 480)) -> list[str]:
+    """n photo-sized JPEGs (smooth gradients plus noise, so they compress like photos), made once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = [f"{i:05d}.jpg" for i in range(n)]
+    if all((folder / name).exists() for name in names):
+        return names
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for name in names:
+        c = rng.uniform(0, 255, (2, 3))
+        base = c[0] + (c[1] - c[0]) * ((xx + yy) / (w + h))[..., None]  # [H, W, 3]
+        img = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / name, quality=90)
+    return names
+
+
+def plain_loop(folder: Path, names: list[str]) -> float:
+    start = time.perf_counter()
+    for name in names:
+        with Image.open(folder / name) as img:
+            np.asarray(img.convert("RGB"))
+    return time.perf_counter() - start
+
+
+def ray_pipeline(folder: Path, names: list[str]) -> float:
+    start = time.perf_counter()
+    bad = 0
+    for batch in decode_check(names, str(folder), DEFAULT_MAX_PIXELS):
+        bad += int((batch["kind"] != "").sum())
+    elapsed = time.perf_counter() - start
+    assert bad == 0, f"{bad} images failed to decode"
+    return elapsed
+
+
+class PeakRSS:
+    """Samples the RSS of this process and all its descendants (Ray's raylet, GCS and workers) every 0.1 s."""
+
+    def __init__(self):
+        self.peak_tree = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_tree = max(self.peak_tree, total)
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def memory_run(workdir: Path, num_images: int) -> None:
+    from mlcls_ray.cli import main as mlcls_main
+    from mlcls_ray.data.synthetic import generate
+
+    data = workdir / f"synthetic_{num_images}"
+    if not (data / "label.txt").exists():
+        generate(data, num_images)
+    with PeakRSS() as rss:
+        code = mlcls_main(["-c", "PP-LCNet_x1_0_ML", "-o", f"Global.dataset_dir={data}",
+                           "-o", f"Global.output={workdir / 'check_output'}"])
+    driver_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"check_dataset on {num_images:,} images: exit {code}; peak RSS driver {driver_mb:,.0f} MB, "
+          f"driver + all Ray processes {rss.peak_tree / 2**20:,.0f} MB (sum of RSS, shared pages counted twice)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--workdir", type=Path, default=Path("bench_data"))
+    parser.add_argument("--memory", type=int, default=0, metavar="N", help="also run check_dataset on N images")
+    args = parser.parse_args()
+
+    folder = args.workdir / "jpegs"
+    names = make_jpegs(folder, args.images)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    ray_pipeline(folder, names[:64])  # warm the worker processes, as a running cluster would have them
+    base = plain_loop(folder, names)
+    ours = ray_pipeline(folder, names)
+    n = len(names)
+    print(f"machine: {os.cpu_count()} CPUs; {n:,} JPEGs 640x480")
+    print(f"plain single-process PIL loop: {n / base:8.1f} img/s ({base:.2f} s)")
+    print(f"check pipeline (Ray Data):     {n / ours:8.1f} img/s ({ours:.2f} s)")
+    print(f"ratio: {base / ours:.2f}x")
+    if args.memory:
+        memory_run(args.workdir, args.memory)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The one config system: PaddleX key names, preset YAMLs as the only source of defaults, ``-o`` overrides.
+
+A config is a flat mapping of dotted keys (``Global.mode``) to values. :data:`SCHEMA` says what each key accepts;
+the preset YAMLs under ``mlcls_ray/configs/`` give every key its default. Validation collects every problem and
+raises one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlcls_ray import storage
+
+__all__ = ["SCHEMA", "Config", "ConfigError", "Key", "list_presets", "load_config", "parse_override"]
+
+MODES = ("check_dataset",)  # later issues add train, evaluate, export, predict, label, serve
+
+
+class ConfigError(ValueError):
+    """Bad config input. Each entry of ``problems`` is one line naming the key, the value and what is allowed."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Key:
+    """What one config key accepts."""
+
+    type: type
+    help: str
+    nullable: bool = False
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    pattern: str | None = None
+    pattern_help: str = ""
+
+
+_PATH = "a local path or s3://bucket/prefix"
+
+SCHEMA: dict[str, Key] = {
+    "Global.model": Key(str, "model preset name"),
+    "Global.mode": Key(str, "what to run", choices=MODES),
+    "Global.dataset_dir": Key(str, f"dataset root, {_PATH}", nullable=True),
+    "Global.device": Key(str, "cpu, gpu, or gpu:0,1 (PaddleX style)", pattern=r"cpu|gpu(:\d+(,\d+)*)?",
+                         pattern_help="cpu, gpu or gpu:0,1,..."),
+    "Global.output": Key(str, f"output folder, {_PATH}"),
+    "Global.max_image_pixels": Key(int, "images with more pixels are rejected (decompression bombs)", min=1),
+    "CheckDataset.convert.enable": Key(bool, "convert the dataset to MLClsDataset before checking"),
+    "CheckDataset.convert.src_dataset_type": Key(str, "source format", nullable=True, choices=("COCO",)),
+    "CheckDataset.split.enable": Key(bool, "re-split train/val with iterative stratification"),
+    "CheckDataset.split.train_percent": Key(int, "train share in percent", nullable=True, min=1, max=99),
+    "CheckDataset.split.val_percent": Key(int, "val share in percent", nullable=True, min=1, max=99),
+    "CheckDataset.split.seed": Key(int, "seed of the split (same seed, same files)", min=0),
+    "Train.num_classes": Key(int, "number of classes; null = read label.txt", nullable=True, min=1),
+    "Train.epochs_iters": Key(int, "epochs", min=1),
+    "Train.batch_size": Key(int, "batch size per device", min=1),
+    "Train.learning_rate": Key(float, "AdamW learning rate", min=0.0, max=1.0),
+    "Train.pretrain_weight_path": Key(str, f"pretrained weights, {_PATH}", nullable=True),
+    "Train.warmup_steps": Key(int, "warm-up epochs (PaddleX's name)", min=0),
+    "Train.resume_path": Key(str, f"checkpoint to resume from, {_PATH}", nullable=True),
+    "Train.log_interval": Key(int, "log every N steps", min=1),
+    "Train.eval_interval": Key(int, "evaluate every N epochs", min=1),
+    "Train.save_interval": Key(int, "save every N epochs", min=1),
+    "Evaluate.weight_path": Key(str, f"model to evaluate, {_PATH}", nullable=True),
+    "Evaluate.log_interval": Key(int, "log every N steps", min=1),
+    "Export.weight_path": Key(str, f"model to export, {_PATH}", nullable=True),
+    "Predict.batch_size": Key(int, "images per batch", min=1),
+    "Predict.model_dir": Key(str, f"model folder, {_PATH}", nullable=True),
+    "Predict.input": Key(str, f"image, folder or list, {_PATH}", nullable=True),
+    "Predict.kernel_option.run_mode": Key(str, "inference engine", choices=("torch",)),
+}
+
+_NULLS = ("None", "none", "null", "Null", "NULL", "~", "")
+
+
+@dataclass
+class Config:
+    """A resolved config: every schema key with its value, and where the values came from."""
+
+    values: dict[str, Any]
+    source: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def to_yaml(self) -> str:
+        nested: dict = {}
+        for key, value in self.values.items():
+            node = nested
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        header = f"# resolved by mlcls from {self.source}"
+        if self.overrides:
+            header += "; overrides: " + ", ".join(f"{k}={v!r}" for k, v in self.overrides.items())
+        return header + "\n" + yaml.safe_dump(nested, sort_keys=False)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("mlcls_ray.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        flat.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return flat
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError([f"{where}{line}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if not isinstance(tree, dict):
+        raise ConfigError([f"{where}: expected a mapping of sections (Global:, CheckDataset:, ...)"])
+    return _flatten(tree)
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, SCHEMA, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known sections: {_sections()}"
+    return f"{key}: unknown key{hint}"
+
+
+def _sections() -> str:
+    return ", ".join(dict.fromkeys(k.split(".")[0] for k in SCHEMA))
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check one value against its key; return it in the key's type or raise ConfigError (one line)."""
+    spec = SCHEMA[key]
+    if isinstance(value, str) and value.strip() in _NULLS:
+        value = None  # `None` in a YAML file is a string to YAML, but PaddleX users mean null
+    if value is None:
+        if spec.nullable:
+            return None
+        raise ConfigError([f"{key}: must be set ({spec.help})"])
+    if spec.type is bool:
+        if not isinstance(value, bool):
+            raise ConfigError([f"{key}: {value!r} is not a boolean; use True or False"])
+    elif spec.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError([f"{key}: {value!r} is not an integer ({spec.help})"])
+    elif spec.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError([f"{key}: {value!r} is not a number ({spec.help})"])
+        value = float(value)
+    elif spec.type is str:
+        if isinstance(value, (bool, list, dict)):
+            raise ConfigError([f"{key}: {value!r} is not a string ({spec.help})"])
+        value = str(value)
+    if spec.choices is not None and value not in spec.choices:
+        raise ConfigError([f"{key}: {value!r} is not allowed; choose one of: {', '.join(map(str, spec.choices))}"])
+    if spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
+        raise ConfigError([f"{key}: {value!r} is out of range [{spec.min}, {spec.max}] ({spec.help})"])
+    if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
+        raise ConfigError([f"{key}: {value!r} is not allowed; use {spec.pattern_help}"])
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``Section.key=value`` -> (key, value); the value parses as a YAML scalar (``True``, ``0.1``, ``None``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError([f"-o {text!r}: expected Section.key=value, e.g. -o Global.mode=check_dataset"])
+    if key not in SCHEMA:
+        raise ConfigError([_unknown_key(key)])
+    raw = raw.strip()
+    if raw in _NULLS:
+        return key, None
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return key, raw
+
+
+def _load_preset(name: str) -> dict[str, Any]:
+    presets = list_presets()
+    if name not in presets:
+        close = difflib.get_close_matches(name, presets, n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}?" if close else f"presets: {', '.join(presets)}"
+        raise ConfigError([f"-c {name!r}: not a YAML file or a preset name; {hint}"])
+    text = resources.files("mlcls_ray.configs").joinpath(f"{name}.yaml").read_text()
+    return _read_yaml(text, f"preset {name}")
+
+
+def _resolve_base(config: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Returns (preset values, values set by the user's YAML file, source description)."""
+    is_file = config.endswith((".yaml", ".yml")) or storage.is_remote(config) or Path(config).is_file()
+    if not is_file:
+        return _load_preset(config), {}, f"preset {config}"
+    try:
+        user = _read_yaml(storage.read_text(config), config)
+    except storage.StorageError as exc:
+        raise ConfigError([f"-c {config!r}: {exc}"]) from None
+    model = user.get("Global.model")
+    if not isinstance(model, str):
+        raise ConfigError([f"{config}: Global.model must name a preset ({', '.join(list_presets())})"])
+    return _load_preset(model), user, config
+
+
+def load_config(config: str, overrides: list[str] = (), *, check_paths: bool = True) -> Config:
+    """Resolve ``-c CONFIG -o K=V ...`` into a validated :class:`Config`.
+
+    Args:
+        config: a preset name or a YAML file (local or s3://). A file only needs the keys it changes, plus
+            ``Global.model``, whose preset supplies the rest.
+        overrides: ``Section.key=value`` strings, applied after the file.
+        check_paths: also check that the paths the mode needs exist.
+
+    Raises:
+        ConfigError: listing every problem, one line each.
+    """
+    base, user, source = _resolve_base(config)
+    problems: list[str] = []
+    parsed: dict[str, Any] = {}
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+            parsed[key] = value
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    values: dict[str, Any] = {}
+    for key, value in {**base, **user, **parsed}.items():
+        if key not in SCHEMA:
+            problems.append(_unknown_key(key) + f" (in {source if key in user else 'the preset'})")
+            continue
+        try:
+            values[key] = _coerce(key, value)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    missing = [k for k in SCHEMA if k not in base]
+    if missing:
+        problems.append(f"preset {base.get('Global.model')}: missing keys {', '.join(missing)}")
+    if not problems:
+        problems = _cross_checks(values, check_paths)
+    if problems:
+        raise ConfigError(problems)
+    return Config(values, source, {k: values[k] for k in parsed})
+
+
+def _cross_checks(v: dict[str, Any], check_paths: bool) -> list[str]:
+    problems = []
+    if v["CheckDataset.convert.enable"] and v["CheckDataset.convert.src_dataset_type"] is None:
+        problems.append("CheckDataset.convert.src_dataset_type: must be set when convert.enable is True; use COCO")
+    if v["CheckDataset.split.enable"]:
+        train, val = v["CheckDataset.split.train_percent"], v["CheckDataset.split.val_percent"]
+        if train is None or val is None or train + val != 100:
+            problems.append(
+                f"CheckDataset.split.train_percent + val_percent: {train} + {val} must be 100 when split.enable "
+                "is True, e.g. -o CheckDataset.split.train_percent=80 -o CheckDataset.split.val_percent=20"
+            )
+    if v["Global.mode"] == "check_dataset":
+        root = v["Global.dataset_dir"]
+        if root is None:
+            problems.append("Global.dataset_dir: must be set for check_dataset (" + _PATH + ")")
+        elif check_paths:
+            try:
+                if not storage.is_dir(root):
+                    problems.append(f"Global.dataset_dir: {root!r} is not an existing folder")
+            except storage.StorageError as exc:
+                problems.append(f"Global.dataset_dir: {exc}")
+    return problems

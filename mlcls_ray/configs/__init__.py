@@ -1,0 +1,1 @@
+"""The model presets, one YAML each: the only source of their defaults."""
