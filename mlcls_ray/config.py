@@ -224,7 +224,7 @@ def load_config(config: str, overrides: list[str] = (), *, check_paths: bool = T
         config: a preset name or a YAML file (local or s3://). A file only needs the keys it changes, plus
             ``Global.model``, whose preset supplies the rest.
         overrides: ``Section.key=value`` strings, applied after the file.
-        check_paths: also check that the paths the mode needs exist.
+        check_paths: also check that the paths the mode needs are set and exist.
 
     Raises:
         ConfigError: listing every problem, one line each.
@@ -268,11 +268,11 @@ def _cross_checks(v: dict[str, Any], check_paths: bool) -> list[str]:
                 f"CheckDataset.split.train_percent + val_percent: {train} + {val} must be 100 when split.enable "
                 "is True, e.g. -o CheckDataset.split.train_percent=80 -o CheckDataset.split.val_percent=20"
             )
-    if v["Global.mode"] == "check_dataset":
+    if v["Global.mode"] == "check_dataset" and check_paths:
         root = v["Global.dataset_dir"]
         if root is None:
             problems.append("Global.dataset_dir: must be set for check_dataset (" + _PATH + ")")
-        elif check_paths:
+        else:
             try:
                 if not storage.is_dir(root):
                     problems.append(f"Global.dataset_dir: {root!r} is not an existing folder")

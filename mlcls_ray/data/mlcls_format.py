@@ -48,6 +48,7 @@ def parse_label_file(text: str, file: str = LABEL_FILE) -> tuple[list[str], list
     names: dict[int, str] = {}
     first_line: dict[int, int] = {}
     name_line: dict[str, int] = {}
+    valid_lines = 0
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line:
@@ -58,6 +59,7 @@ def parse_label_file(text: str, file: str = LABEL_FILE) -> tuple[list[str], list
             problems.append(Problem("bad_label_line", file, lineno, f"expected '<int id> <name>', got {line!r}"))
             continue
         class_id = int(id_text)
+        valid_lines += 1
         if class_id < 0:
             problems.append(Problem("label_ids", file, lineno, f"class id {class_id} is negative"))
             continue
@@ -76,7 +78,9 @@ def parse_label_file(text: str, file: str = LABEL_FILE) -> tuple[list[str], list
         name_line.setdefault(name, lineno)
     if not names and not problems:
         problems.append(Problem("bad_label_line", file, None, "no classes defined (the file is empty)"))
-    size = max(names) + 1 if names else 0
+    # A repeated id most likely means a typo in a line, not one class fewer: size the vectors by the larger count,
+    # so one mistake here does not also fail every list line.
+    size = max(max(names) + 1, valid_lines) if names else 0
     missing = [i for i in range(size) if i not in names]
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")

@@ -1,0 +1,206 @@
+"""check_dataset end to end on a real local Ray: every problem with file, line and reason; local == S3."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlcls_ray.cli import main
+from mlcls_ray.data.synthetic import generate
+from tests.helpers import make_mlcls, upload_tree, write_image
+
+REPO = Path(__file__).resolve().parents[2]
+NAMES = ["cat", "dog", "bird"]
+
+
+def run_check(root, out, *extra) -> int:
+    return main(["-c", "PP-LCNet_x1_0_ML", "-o", f"Global.dataset_dir={root}", "-o", f"Global.output={out}",
+                 *(f"-o{e}" for e in extra)])
+
+
+def result(out) -> dict:
+    return json.loads((Path(out) / "check_dataset_result.json").read_text())
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def broken(tmp_path):
+    """A dataset with one of every problem, each on a known line."""
+    root = tmp_path / "broken"
+    make_mlcls(root, NAMES, train=[("images/good.jpg", [1, 0, 0])], val=[("images/good_val.jpg", [0, 1, 0])])
+    images = root / "images"
+    (images / "empty.jpg").write_bytes(b"")
+    full = (images / "good.jpg").read_bytes()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(images / "noise.jpg")
+    (images / "truncated.jpg").write_bytes((images / "noise.jpg").read_bytes()[:600])
+    (images / "notes.jpg").write_text("not a picture")
+    Image.new("L", (1200, 1000)).save(images / "bomb.png")  # 1.2 M pixels > the 1 M limit set below
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(full)
+    os.symlink(outside, images / "link.jpg")
+    (root / "train.txt").write_text("\n".join([
+        "images/good.jpg\t1,0,0",       # 1 fine
+        "images/missing.jpg\t0,1,0",    # 2
+        "images/empty.jpg\t0,0,1",      # 3
+        "images/truncated.jpg\t1,1,0",  # 4
+        "images/notes.jpg\t0,1,1",      # 5
+        "images/bomb.png\t1,0,0",       # 6
+        "images/noise.jpg",             # 7 no label field
+        "images/noise.jpg\t1,0",        # 8
+        "images/noise.jpg\t0,2,0",      # 9
+        "images/good.jpg\t1,0,0",       # 10 duplicate of line 1
+        "../secret.jpg\t1,0,0",         # 11
+        "/etc/passwd\t1,0,0",           # 12
+        "images/link.jpg\t0,0,1",       # 13 symlink out of the root
+    ]) + "\n")
+    return root
+
+
+EXPECTED = [
+    ("train.txt", 2, "missing_image", "image file not found"),
+    ("train.txt", 3, "empty_file", "empty file (0 bytes)"),
+    ("train.txt", 4, "corrupt_image", "truncated or corrupt image data"),
+    ("train.txt", 5, "not_an_image", "not an image"),
+    ("train.txt", 6, "decompression_bomb", "1200x1000 = 1,200,000 pixels, over the limit of 1,000,000"),
+    ("train.txt", 7, "no_label_field", "no label vector after the path"),
+    ("train.txt", 8, "wrong_length", "label vector has 2 values, label.txt defines 3 classes"),
+    ("train.txt", 9, "bad_value", "label value '2' at position 1 is not 0 or 1"),
+    ("train.txt", 10, "duplicate_path", "duplicate of train.txt:1"),
+    ("train.txt", 11, "unsafe_path", "escapes the dataset root"),
+    ("train.txt", 12, "unsafe_path", "absolute path"),
+    ("train.txt", 13, "unsafe_path", "a symlink resolves outside the dataset root"),
+]
+
+
+def test_every_problem_is_reported_with_file_line_and_reason(ray_start_2_cpus, broken, tmp_path, capsys):
+    before = tree_digest(broken)
+    code = run_check(broken, tmp_path / "out", "Global.max_image_pixels=1000000")
+    assert code == 1
+    report = result(tmp_path / "out")
+    assert report["done_flag"] is True and report["check_pass"] is False
+    got = [(e["file"], e["line"], e["kind"]) for e in report["errors"]]
+    assert got == [(f, line, kind) for f, line, kind, _ in EXPECTED]
+    for error, (*_, reason) in zip(report["errors"], EXPECTED):
+        assert reason in error["reason"]
+    assert report["error_counts"]["unsafe_path"] == 3
+    # the human summary: counts by kind, examples, where the full list is; no traceback
+    err = capsys.readouterr().err
+    assert "12 problem(s) found:" in err and "unsafe_path" in err and "train.txt:11" in err
+    assert "check_dataset_result.json" in err and "Traceback" not in err
+    # checking never touches the dataset
+    assert tree_digest(broken) == before
+
+
+def test_label_file_problems_fail_the_check(ray_start_2_cpus, tmp_path):
+    root = make_mlcls(tmp_path / "ds", NAMES, train=[("images/a.jpg", [1, 0, 0])], val=[("images/b.jpg", [0, 0, 1])])
+    (root / "label.txt").write_text("0 cat\n1 dog\n1 bird\n")
+    assert run_check(root, tmp_path / "out") == 1
+    errors = result(tmp_path / "out")["errors"]
+    # the repeat is named, and the list lines are not all failed for it: 3 class lines still mean 3-long vectors
+    assert [(e["file"], e.get("line"), e["kind"]) for e in errors] == [
+        ("label.txt", None, "label_ids"), ("label.txt", 3, "label_ids")]
+    assert "missing 2" in errors[0]["reason"] and "class id 1 repeated (first at line 2)" in errors[1]["reason"]
+
+
+def test_missing_lists_are_reported_together(ray_start_2_cpus, tmp_path):
+    (tmp_path / "ds").mkdir()
+    assert run_check(tmp_path / "ds", tmp_path / "out") == 1
+    assert [e["file"] for e in result(tmp_path / "out")["errors"]] == ["label.txt", "train.txt", "val.txt"]
+
+
+def test_odd_but_valid_images_pass(ray_start_2_cpus, tmp_path):
+    root = tmp_path / "odd"
+    rows = []
+    for i, (mode, fmt, color) in enumerate([("L", "PNG", 90), ("RGBA", "PNG", (1, 2, 3, 0)), ("CMYK", "JPEG", 0),
+                                            ("P", "GIF", 3), ("I;16", "PNG", 40000), ("LA", "PNG", (9, 9))]):
+        write_image(root / f"images/{i}.{fmt.lower()}", mode=mode, fmt=fmt, color=color)
+        rows.append((f"images/{i}.{fmt.lower()}", [i % 2, 1, 0]))
+    make_mlcls(root, NAMES, train=rows[:4], val=rows[4:], make_images=False)
+    assert run_check(root, tmp_path / "out") == 0
+    report = result(tmp_path / "out")
+    assert report["check_pass"] is True and report["errors"] == []
+    assert report["attributes"]["train_samples"] == 4 and report["attributes"]["val_samples"] == 2
+
+
+def test_report_has_paddlex_fields_and_the_extra_analysis(ray_start_2_cpus, tmp_path):
+    root = generate(tmp_path / "demo", 120, seed=2)
+    assert run_check(root, tmp_path / "out") == 0
+    report = result(tmp_path / "out")
+    assert {"done_flag", "check_pass", "dataset_path", "show_type", "dataset_type", "attributes", "analysis"} <= set(
+        report)
+    a = report["attributes"]
+    assert report["dataset_type"] == "MLClsDataset" and report["show_type"] == "image"
+    assert a["num_classes"] == 8 and a["train_samples"] + a["val_samples"] == 120
+    assert (tmp_path / "out" / "check_dataset" / "label.txt").resolve() != (root / "label.txt")
+    assert (tmp_path / "out" / "check_dataset" / a["label_file"]).resolve() == (root / "label.txt").resolve()
+    for p in a["train_sample_paths"] + a["val_sample_paths"]:
+        assert Image.open(tmp_path / "out" / p).width >= 256  # upscaled so the label strip can be read
+    assert len(a["train_sample_paths"]) == 10 and len(a["val_sample_paths"]) == 10
+    analysis = report["analysis"]
+    for png in (analysis["histogram"], analysis["cooccurrence"]):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+    counts = {c["name"]: c for c in analysis["class_counts"]}
+    train_lines = (root / "train.txt").read_text().splitlines()
+    assert counts["circle"]["train"] == sum(line.split("\t")[1].split(",")[0] == "1" for line in train_lines)
+    assert analysis["images_without_labels"]["train"] == sum(
+        set(line.split("\t")[1].split(",")) == {"0"} for line in train_lines)
+    assert 0 <= analysis["class_ratio_drift"]["max_abs_diff"] <= 1
+    assert analysis["image_sizes"]["count"] == 120
+    assert 64 <= analysis["image_sizes"]["width"]["min"] <= analysis["image_sizes"]["width"]["max"] <= 128
+    assert (tmp_path / "out" / "config.yaml").read_text().count("dataset_dir") == 2  # header + value
+
+
+def test_local_and_s3_give_the_same_report(ray_start_2_cpus, s3_bucket, tmp_path):
+    root = generate(tmp_path / "demo", 60, seed=4)
+    (root / "images" / "000003.jpg").write_bytes(b"broken")  # so the error lists are compared too
+    upload_tree(root, f"{s3_bucket}/datasets/demo")
+    assert run_check(root, tmp_path / "local_out") == 1
+    assert run_check(f"{s3_bucket}/datasets/demo", f"{s3_bucket}/runs/check") == 1
+    local = result(tmp_path / "local_out")
+    import boto3
+
+    bucket = s3_bucket[len("s3://"):]
+    remote = json.loads(boto3.client("s3").get_object(Bucket=bucket, Key="runs/check/check_dataset_result.json")[
+        "Body"].read())
+    assert remote["dataset_path"] == f"{s3_bucket}/datasets/demo"
+    assert remote["attributes"].pop("label_file") == f"{s3_bucket}/datasets/demo/label.txt"
+    local["attributes"].pop("label_file")
+    for r in (local, remote):
+        r.pop("dataset_path")
+    assert remote == local
+    assert remote["errors"][0]["path"] == "images/000003.jpg"
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="runs/check/")["Contents"]}
+    assert {"runs/check/config.yaml", "runs/check/check_dataset/histogram.png"} <= keys
+
+
+def test_convert_and_split_then_check_through_the_job_script(tmp_path):
+    """What `make demo` and `ray job submit ... jobs/check_dataset.py` run, in a fresh process with its own Ray."""
+    root = generate(tmp_path / "demo", 200, seed=3)
+    for name in ("label.txt", "train.txt", "val.txt"):
+        (root / name).unlink()  # only COCO annotations left, as a Labelme/CVAT export would be
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "jobs/check_dataset.py"), "-c", "PP-HGNetV2-B0_ML",
+         "-o", f"Global.dataset_dir={root}", "-o", f"Global.output={tmp_path / 'out'}",
+         "-o", "Global.mode=train",  # the job script fixes the mode, whatever is passed
+         "-o", "CheckDataset.convert.enable=True", "-o", "CheckDataset.convert.src_dataset_type=COCO",
+         "-o", "CheckDataset.split.enable=True", "-o", "CheckDataset.split.train_percent=75",
+         "-o", "CheckDataset.split.val_percent=25"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Check dataset passed!" in proc.stdout
+    report = result(tmp_path / "out")
+    assert report["attributes"]["train_samples"] + report["attributes"]["val_samples"] == 200
+    assert abs(report["attributes"]["val_samples"] - 50) <= 3
+    assert (root / "train.txt.bak").exists()  # the lists written by conversion, kept when split replaced them
+    assert (root / "label.txt").read_text().startswith("0 circle\n")

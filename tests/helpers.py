@@ -1,0 +1,41 @@
+"""Test helpers that build datasets and copy them to S3 the way a user would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import boto3
+
+from mlcls_ray.data.mlcls_format import format_label_file, format_line
+
+
+def upload_tree(local: Path, s3_uri: str) -> None:
+    """Copy a local folder to S3 with boto3, as a user's sync would."""
+    bucket, _, prefix = s3_uri[len("s3://"):].partition("/")
+    client = boto3.client("s3")
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            key = "/".join(p for p in (prefix, path.relative_to(local).as_posix()) if p)
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def write_image(path: Path, size: tuple[int, int] = (40, 32), color=(200, 40, 40), fmt: str = "JPEG",
+                mode: str = "RGB") -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, fmt)
+    return path
+
+
+def make_mlcls(root: Path, names: list[str], train: list[tuple[str, list[int]]], val: list[tuple[str, list[int]]],
+               make_images: bool = True) -> Path:
+    """A tiny MLClsDataset; each listed image is written as a small JPEG unless make_images is False."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "label.txt").write_text(format_label_file(names))
+    for split, rows in (("train", train), ("val", val)):
+        (root / f"{split}.txt").write_text("".join(format_line(p, v) + "\n" for p, v in rows))
+        if make_images:
+            for i, (p, _) in enumerate(rows):
+                write_image(root / p, color=(20 * i % 255, 100, 150))
+    return root

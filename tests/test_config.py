@@ -1,0 +1,97 @@
+"""The config system: presets, -o overrides, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mlcls_ray.cli import main
+from mlcls_ray.config import SCHEMA, ConfigError, list_presets, load_config
+
+PRESETS = ["CLIP_vit_base_patch16_448_ML", "PP-HGNetV2-B0_ML", "PP-HGNetV2-B4_ML", "PP-HGNetV2-B6_ML",
+           "PP-LCNet_x1_0_ML", "ResNet50_ML"]
+
+
+def test_the_six_presets_ship():
+    assert list_presets() == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_sets_every_key_and_names_itself(preset):
+    cfg = load_config(preset, check_paths=False)
+    assert set(cfg.values) == set(SCHEMA)
+    assert cfg["Global.model"] == preset
+    assert cfg["Global.output"] == "output"
+    # PaddleX's module yamls use SGD-sized rates (0.05-0.1) with AdamW; ours stay at PaddleClas's 1e-4 or below
+    assert cfg["Train.learning_rate"] <= 1e-4
+
+
+def test_overrides_parse_as_yaml_scalars(tmp_path):
+    cfg = load_config("ResNet50_ML", [
+        f"Global.dataset_dir={tmp_path}", "CheckDataset.convert.enable=True",
+        "CheckDataset.convert.src_dataset_type=COCO", "Train.learning_rate=0.001", "Train.batch_size=8",
+        "Train.pretrain_weight_path=None", "Global.device=gpu:0,1",
+    ])
+    assert cfg["CheckDataset.convert.enable"] is True
+    assert cfg["Train.learning_rate"] == 0.001 and cfg["Train.batch_size"] == 8
+    assert cfg["Train.pretrain_weight_path"] is None
+    assert cfg["Global.device"] == "gpu:0,1"
+    assert cfg.overrides["Train.batch_size"] == 8
+
+
+def test_a_user_yaml_only_needs_what_it_changes(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"Global:\n  model: PP-HGNetV2-B4_ML\n  dataset_dir: {tmp_path}\nTrain:\n  batch_size: 7\n")
+    cfg = load_config(str(path), ["Train.epochs_iters=3"])
+    assert cfg["Train.batch_size"] == 7 and cfg["Train.epochs_iters"] == 3
+    assert cfg["Train.learning_rate"] == load_config("PP-HGNetV2-B4_ML", check_paths=False)["Train.learning_rate"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("Global.mdoe=check_dataset", "Global.mdoe: unknown key; did you mean Global.mode"),
+    ("Global.mode=trian", "Global.mode: 'trian' is not allowed; choose one of: check_dataset"),
+    ("Train.batch_size=eight", "Train.batch_size: 'eight' is not an integer"),
+    ("Train.batch_size=0", "Train.batch_size: 0 is out of range"),
+    ("CheckDataset.convert.enable=yes please", "CheckDataset.convert.enable: 'yes please' is not a boolean"),
+    ("Global.device=tpu", "Global.device: 'tpu' is not allowed; use cpu, gpu or gpu:0,1"),
+    ("CheckDataset.convert.src_dataset_type=VOC", "choose one of: COCO"),
+    ("Global.dataset_dir=/no/such/dir", "Global.dataset_dir: '/no/such/dir' is not an existing folder"),
+    ("CheckDataset.split.enable=True", "train_percent + val_percent: None + None must be 100"),
+    ("nodot", "expected Section.key=value"),
+])
+def test_bad_input_names_the_key_and_what_is_allowed(tmp_path, override, message):
+    args = [override] if "dataset_dir" in override else [f"Global.dataset_dir={tmp_path}", override]
+    with pytest.raises(ConfigError) as err:
+        load_config("PP-LCNet_x1_0_ML", args)
+    assert any(message in p for p in err.value.problems), err.value.problems
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        load_config("PP-LCNet_x1_0_ML", ["Train.batch_size=-1", "Global.mode=x", "Foo.bar=1"])
+    assert len(err.value.problems) == 3
+
+
+def test_unknown_preset_suggests_close_names():
+    with pytest.raises(ConfigError, match="did you mean PP-LCNet_x1_0_ML"):
+        load_config("PP-LCNet_x1_0")
+
+
+def test_cli_config_error_is_one_line_exit_2_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "mlcls_ray.cli", "-c", "ResNet50_ML", "-o", "Train.batch_size=x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "mlcls: config error: Train.batch_size: 'x' is not an integer (batch size per device)"]
+
+
+def test_resolved_config_is_written_next_to_outputs(tmp_path, capsys):
+    # A missing dataset folder is caught by validation, so nothing runs and nothing is written...
+    assert main(["-c", "ResNet50_ML", "-o", f"Global.output={tmp_path}/out", "-o", "Global.dataset_dir=/nope"]) == 2
+    assert not (tmp_path / "out").exists()
+    # ...and the dump of a valid config loads back to the same values.
+    cfg = load_config("ResNet50_ML", [f"Global.dataset_dir={tmp_path}", "Train.batch_size=3"])
+    dumped = yaml.safe_load(cfg.to_yaml())
+    assert dumped["Train"]["batch_size"] == 3 and dumped["Global"]["model"] == "ResNet50_ML"
