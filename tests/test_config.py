@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -95,3 +96,8 @@ def test_resolved_config_is_written_next_to_outputs(tmp_path, capsys):
     cfg = load_config("ResNet50_ML", [f"Global.dataset_dir={tmp_path}", "Train.batch_size=3"])
     dumped = yaml.safe_load(cfg.to_yaml())
     assert dumped["Train"]["batch_size"] == 3 and dumped["Global"]["model"] == "ResNet50_ML"
+
+
+def test_readme_documents_every_key():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert [k for k in SCHEMA if f"`{k}`" not in readme] == []
