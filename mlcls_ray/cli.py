@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one mode; returns the exit code: 0 success, 1 the job found problems or failed, 2 bad config."""
+    """Run one mode; returns the exit code: 0 success, 1 the job found problems or failed, 2 bad config.
+
+    A failure is one readable line on stderr, not a traceback; ``MLCLS_DEBUG=1`` shows the traceback.
+    """
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.override)
@@ -62,8 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         storage.write_text(storage.join(cfg["Global.output"], "config.yaml"), cfg.to_yaml())
         _init_ray()
         return MODES[cfg["Global.mode"]](cfg)
-    except storage.StorageError as exc:
-        print(f"mlcls: {cfg['Global.mode']} failed: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if os.environ.get("MLCLS_DEBUG"):
+            raise
+        print(f"mlcls: {cfg['Global.mode']} failed: {type(exc).__name__}: {exc}\n"
+              "(set MLCLS_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 1
 
 

@@ -25,7 +25,6 @@ __all__ = [
     "list_files",
     "read_bytes",
     "read_text",
-    "relative_to",
     "resolve",
     "write_bytes",
     "write_text",
@@ -83,13 +82,6 @@ def join(uri: str, *parts: str) -> str:
     if is_remote(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
     return os.path.join(uri, *parts)
-
-
-def relative_to(uri: str, root: str) -> str:
-    """The part of ``uri`` below ``root``, with forward slashes."""
-    fs_root = resolve(root)[1].rstrip("/")
-    path = resolve(uri)[1]
-    return path[len(fs_root) + 1:] if path.startswith(fs_root + "/") else path
 
 
 def _info(uri: str) -> pafs.FileInfo:

@@ -6,6 +6,7 @@ files first. Checking itself never modifies the dataset.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -32,24 +33,34 @@ NUM_DEMO_IMAGES = 10  # per split, as PaddleX
 _DEMO_SEED = 123  # PaddleX's
 
 
+def _read_text_file(root: str, file: str, problems: list[Problem]) -> str | None:
+    """The file's text, or None with a problem recorded (missing, a folder, not UTF-8)."""
+    uri = storage.join(root, file)
+    if not storage.exists(uri):
+        problems.append(Problem("missing_file", file, None, f"{file} not found in {root}"))
+        return None
+    try:
+        return storage.read_text(uri)
+    except storage.StorageError as exc:
+        problems.append(Problem("unreadable_file", file, None, str(exc)))
+        return None
+
+
 def _read_dataset(root: str) -> tuple[list[str] | None, list[ListEntry], list[Problem]]:
     """Read label.txt and the lists. Returns (class names or None, unique entries, problems)."""
     problems: list[Problem] = []
     names = None
-    label_uri = storage.join(root, LABEL_FILE)
-    if storage.exists(label_uri):
-        names, label_problems = parse_label_file(storage.read_text(label_uri))
+    text = _read_text_file(root, LABEL_FILE, problems)
+    if text is not None:
+        names, label_problems = parse_label_file(text)
         problems += label_problems
-    else:
-        problems.append(Problem("missing_file", LABEL_FILE, None, f"{LABEL_FILE} not found in {root}"))
     entries: list[ListEntry] = []
     for split in SPLITS:
         file = f"{split}.txt"
-        uri = storage.join(root, file)
-        if not storage.exists(uri):
-            problems.append(Problem("missing_file", file, None, f"{file} not found in {root}"))
+        text = _read_text_file(root, file, problems)
+        if text is None:
             continue
-        split_entries, list_problems = parse_list_file(storage.read_text(uri), file, len(names) if names else None)
+        split_entries, list_problems = parse_list_file(text, file, len(names) if names else None)
         entries += split_entries
         problems += list_problems
     entries, dup_problems = find_duplicates(entries)
@@ -150,6 +161,17 @@ def _write_result(root: str, output: str, problems: list[Problem], attributes: d
 def run_check_dataset(cfg: Config) -> int:
     """``Global.mode=check_dataset``: optional COCO conversion and split, then the full check. Returns the exit code."""
     root, output = cfg["Global.dataset_dir"].rstrip("/"), cfg["Global.output"]
+    try:
+        return _run(cfg, root, output)
+    except Exception as exc:
+        # PaddleX's failure record, so tools that poll the result file see the run ended
+        failure = {"done_flag": False, "err_type": type(exc).__name__, "err_msg": str(exc)}
+        with contextlib.suppress(storage.StorageError):
+            storage.write_text(storage.join(output, RESULT_FILE), json.dumps(failure, indent=2) + "\n")
+        raise
+
+
+def _run(cfg: Config, root: str, output: str) -> int:
     max_pixels = cfg["Global.max_image_pixels"]
     prior: list[Problem] = []
     if cfg["CheckDataset.convert.enable"]:

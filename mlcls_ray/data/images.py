@@ -73,5 +73,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise
     except UnidentifiedImageError:
         raise ImageDecodeError("not_an_image", f"not an image (unrecognised format, {len(data):,} bytes)") from None
-    except (OSError, SyntaxError, ValueError, IndexError, EOFError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError("corrupt_image", f"truncated or corrupt image data ({exc})") from None
+    except Exception as exc:  # Pillow's plugins raise many types on hostile input; one bad file must not end a job
+        raise ImageDecodeError("corrupt_image", f"truncated or corrupt image data ({type(exc).__name__}: {exc})") \
+            from None

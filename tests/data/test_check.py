@@ -28,6 +28,12 @@ def result(out) -> dict:
     return json.loads((Path(out) / "check_dataset_result.json").read_text())
 
 
+def ours(stderr: str, first_line: str) -> str:
+    """Our message at the end of stderr, without what Ray's loggers wrote before it."""
+    assert first_line in stderr, stderr[-2000:]
+    return stderr[stderr.rindex(first_line):]
+
+
 def tree_digest(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -95,9 +101,9 @@ def test_every_problem_is_reported_with_file_line_and_reason(ray_start_2_cpus, b
         assert reason in error["reason"]
     assert report["error_counts"]["unsafe_path"] == 3
     # the human summary: counts by kind, examples, where the full list is; no traceback
-    err = capsys.readouterr().err
+    err = ours(capsys.readouterr().err, "Check dataset failed")
     assert "12 problem(s) found:" in err and "unsafe_path" in err and "train.txt:11" in err
-    assert "check_dataset_result.json" in err and "Traceback" not in err
+    assert err.rstrip().endswith("check_dataset_result.json") and "Traceback" not in err
     # checking never touches the dataset
     assert tree_digest(broken) == before
 
@@ -204,3 +210,25 @@ def test_convert_and_split_then_check_through_the_job_script(tmp_path):
     assert abs(report["attributes"]["val_samples"] - 50) <= 3
     assert (root / "train.txt.bak").exists()  # the lists written by conversion, kept when split replaced them
     assert (root / "label.txt").read_text().startswith("0 circle\n")
+
+
+def test_unreadable_lists_are_problems_not_crashes(ray_start_2_cpus, tmp_path):
+    root = make_mlcls(tmp_path / "ds", NAMES, train=[("images/a.jpg", [1, 0, 0])], val=[("images/b.jpg", [0, 0, 1])])
+    (root / "label.txt").write_bytes(b"0 caf\xe9\n1 dog\n2 bird\n")  # Latin-1, not UTF-8
+    (root / "val.txt").unlink()
+    (root / "val.txt").mkdir()
+    assert run_check(root, tmp_path / "out") == 1
+    errors = result(tmp_path / "out")["errors"]
+    assert [(e["file"], e["kind"]) for e in errors] == [("label.txt", "unreadable_file"), ("val.txt", "unreadable_file")]
+    assert "not UTF-8 text" in errors[0]["reason"]
+
+
+def test_a_failing_run_leaves_paddlex_failure_record_and_one_line(ray_start_2_cpus, tmp_path, capsys):
+    root = generate(tmp_path / "demo", 30, seed=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "check_dataset").write_text("a file where the report's folder must go")
+    assert run_check(root, out) == 1
+    assert result(out)["done_flag"] is False and result(out)["err_type"] == "StorageError"
+    err = ours(capsys.readouterr().err, "mlcls: check_dataset failed: StorageError:")
+    assert len(err.splitlines()) == 2 and "Traceback" not in err
