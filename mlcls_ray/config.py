@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from mlcls_ray import storage
+from mlcls_ray.data.images import MAX_PIXELS_CEILING
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Key", "list_presets", "load_config", "parse_override"]
 
@@ -54,7 +55,8 @@ SCHEMA: dict[str, Key] = {
     "Global.device": Key(str, "cpu, gpu, or gpu:0,1 (PaddleX style)", pattern=r"cpu|gpu(:\d+(,\d+)*)?",
                          pattern_help="cpu, gpu or gpu:0,1,..."),
     "Global.output": Key(str, f"output folder, {_PATH}"),
-    "Global.max_image_pixels": Key(int, "images with more pixels are rejected (decompression bombs)", min=1),
+    "Global.max_image_pixels": Key(int, "images with more pixels are rejected (decompression bombs)", min=1,
+                                   max=MAX_PIXELS_CEILING),
     "CheckDataset.convert.enable": Key(bool, "convert the dataset to MLClsDataset before checking"),
     "CheckDataset.convert.src_dataset_type": Key(str, "source format", nullable=True, choices=("COCO",)),
     "CheckDataset.split.enable": Key(bool, "re-split train/val with iterative stratification"),
@@ -77,7 +79,8 @@ SCHEMA: dict[str, Key] = {
     "Predict.batch_size": Key(int, "images per batch", min=1),
     "Predict.model_dir": Key(str, f"model folder, {_PATH}", nullable=True),
     "Predict.input": Key(str, f"image, folder or list, {_PATH}", nullable=True),
-    "Predict.kernel_option.run_mode": Key(str, "inference engine", choices=("torch",)),
+    # PaddleX YAMLs say `paddle`; it is accepted so they load unchanged, and means the one engine there is: torch
+    "Predict.kernel_option.run_mode": Key(str, "inference engine", choices=("torch", "paddle")),
 }
 
 _NULLS = ("None", "none", "null", "Null", "NULL", "~", "")
@@ -176,7 +179,11 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``Section.key=value`` -> (key, value); the value parses as a YAML scalar (``True``, ``0.1``, ``None``)."""
+    """``Section.key=value`` -> (key, value).
+
+    The value parses as a YAML scalar (``True``, ``0.1``, ``None``, ``[1, 2]``), except for string keys (paths,
+    names), which keep the text as typed; ``None``/``null`` mean null everywhere.
+    """
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -186,10 +193,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     raw = raw.strip()
     if raw in _NULLS:
         return key, None
+    if SCHEMA[key].type is str:
+        return key, raw  # paths stay verbatim: `0777`, `on` and `a #b` are not YAML numbers, bools or comments
     try:
-        return key, yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return key, raw
+    if SCHEMA[key].type is float and isinstance(value, str):
+        try:
+            return key, float(raw)  # YAML 1.1 reads `1e-4` as a string
+        except ValueError:
+            pass
+    return key, value
 
 
 def _load_preset(name: str) -> dict[str, Any]:

@@ -31,6 +31,8 @@ __all__ = [
 ]
 
 _S3_SCHEMES = ("s3://", "s3a://")
+_UMASK = os.umask(0o022)  # reading the umask means setting it; put it straight back
+os.umask(_UMASK)
 
 
 class StorageError(OSError):
@@ -132,6 +134,8 @@ def write_bytes(uri: str, data: bytes) -> None:
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
             try:
+                # mkstemp makes the file owner-only; give it the mode a plain open() would (or keep the old one's)
+                os.fchmod(fd, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_UMASK)
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                 os.replace(tmp, path)

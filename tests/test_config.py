@@ -41,6 +41,60 @@ def test_overrides_parse_as_yaml_scalars(tmp_path):
     assert cfg.overrides["Train.batch_size"] == 8
 
 
+def test_string_keys_keep_the_text_as_typed(tmp_path):
+    cfg = load_config("ResNet50_ML", [f"Global.dataset_dir={tmp_path}", "Global.output=0777", "Predict.input=on",
+                                      "Train.pretrain_weight_path=/w/a #1.pt", "Train.learning_rate=1e-4"])
+    assert cfg["Global.output"] == "0777" and cfg["Predict.input"] == "on"
+    assert cfg["Train.pretrain_weight_path"] == "/w/a #1.pt"
+    assert cfg["Train.learning_rate"] == 1e-4
+
+
+def test_a_paddlex_module_yaml_loads_unchanged(tmp_path):
+    """PaddleX 3.0-beta's PP-LCNet_x1_0_ML.yaml, with its dataset path pointed here."""
+    path = tmp_path / "PP-LCNet_x1_0_ML.yaml"
+    path.write_text(f"""
+Global:
+  model: PP-LCNet_x1_0_ML
+  mode: check_dataset # check_dataset/train/evaluate/predict
+  dataset_dir: "{tmp_path}"
+  device: gpu:0,1,2,3
+  output: "output"
+CheckDataset:
+  convert:
+    enable: False
+    src_dataset_type: null
+  split:
+    enable: False
+    train_percent: null
+    val_percent: null
+Train:
+  num_classes: 33
+  epochs_iters: 20
+  batch_size: 64
+  learning_rate: 0.1
+  pretrain_weight_path: null
+  warmup_steps: 5
+  resume_path: null
+  log_interval: 1
+  eval_interval: 1
+  save_interval: 1
+Evaluate:
+  weight_path: "output/best_model/best_model.pdparams"
+  log_interval: 1
+Export:
+  weight_path: https://paddle-model-ecology.bj.bcebos.com/paddlex/official_pretrained_model/PP-LCNet_x1_0_ML.pdparams
+Predict:
+  batch_size: 1
+  model_dir: "output/best_model/inference"
+  input: "https://paddle-model-ecology.bj.bcebos.com/paddlex/imgs/demo_image/general_image_classification_001.jpg"
+  kernel_option:
+    run_mode: paddle
+""")
+    cfg = load_config(str(path))
+    assert cfg["Train.num_classes"] == 33 and cfg["Global.device"] == "gpu:0,1,2,3"
+    assert cfg["CheckDataset.split.seed"] == 0  # keys PaddleX lacks come from the preset
+
+
 def test_a_user_yaml_only_needs_what_it_changes(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(f"Global:\n  model: PP-HGNetV2-B4_ML\n  dataset_dir: {tmp_path}\nTrain:\n  batch_size: 7\n")
@@ -54,6 +108,7 @@ def test_a_user_yaml_only_needs_what_it_changes(tmp_path):
     ("Global.mode=trian", "Global.mode: 'trian' is not allowed; choose one of: check_dataset"),
     ("Train.batch_size=eight", "Train.batch_size: 'eight' is not an integer"),
     ("Train.batch_size=0", "Train.batch_size: 0 is out of range"),
+    ("Global.max_image_pixels=200000000", "Global.max_image_pixels: 200000000 is out of range"),
     ("CheckDataset.convert.enable=yes please", "CheckDataset.convert.enable: 'yes please' is not a boolean"),
     ("Global.device=tpu", "Global.device: 'tpu' is not allowed; use cpu, gpu or gpu:0,1"),
     ("CheckDataset.convert.src_dataset_type=VOC", "choose one of: COCO"),
@@ -101,3 +156,10 @@ def test_resolved_config_is_written_next_to_outputs(tmp_path, capsys):
 def test_readme_documents_every_key():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert [k for k in SCHEMA if f"`{k}`" not in readme] == []
+
+
+def test_every_mode_the_config_accepts_has_a_runner():
+    from mlcls_ray.cli import MODES as RUNNERS
+    from mlcls_ray.config import MODES
+
+    assert set(MODES) == set(RUNNERS)

@@ -1,5 +1,7 @@
 """Storage: the same calls on local disk and on a real S3-compatible server; atomic writes; numbered backups."""
 
+import os
+
 import pytest
 
 from mlcls_ray import storage
@@ -49,3 +51,15 @@ def test_local_write_is_atomic_on_failure(tmp_path):
 def test_unsupported_scheme_is_a_clear_error():
     with pytest.raises(storage.StorageError, match="unsupported scheme"):
         storage.resolve("gs://bucket/x")
+
+
+def test_local_writes_get_the_usual_permissions(tmp_path):
+    new, kept = tmp_path / "new.txt", tmp_path / "kept.txt"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    storage.write_text(str(new), "x")
+    storage.write_text(str(kept), "y")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert new.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0600
+    assert kept.stat().st_mode & 0o777 == 0o640

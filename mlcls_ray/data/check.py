@@ -21,7 +21,7 @@ from mlcls_ray.config import Config
 from mlcls_ray.data import report
 from mlcls_ray.data.convert import convert_coco
 from mlcls_ray.data.images import decode_image
-from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, ListEntry, find_duplicates, parse_label_file, parse_list_file
+from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, ListEntry, read_dataset
 from mlcls_ray.data.pipeline import decode_check
 from mlcls_ray.data.problems import Problem, summarize
 from mlcls_ray.data.split import split_dataset
@@ -31,40 +31,6 @@ __all__ = ["RESULT_FILE", "check_dataset", "run_check_dataset"]
 RESULT_FILE = "check_dataset_result.json"
 NUM_DEMO_IMAGES = 10  # per split, as PaddleX
 _DEMO_SEED = 123  # PaddleX's
-
-
-def _read_text_file(root: str, file: str, problems: list[Problem]) -> str | None:
-    """The file's text, or None with a problem recorded (missing, a folder, not UTF-8)."""
-    uri = storage.join(root, file)
-    if not storage.exists(uri):
-        problems.append(Problem("missing_file", file, None, f"{file} not found in {root}"))
-        return None
-    try:
-        return storage.read_text(uri)
-    except storage.StorageError as exc:
-        problems.append(Problem("unreadable_file", file, None, str(exc)))
-        return None
-
-
-def _read_dataset(root: str) -> tuple[list[str] | None, list[ListEntry], list[Problem]]:
-    """Read label.txt and the lists. Returns (class names or None, unique entries, problems)."""
-    problems: list[Problem] = []
-    names = None
-    text = _read_text_file(root, LABEL_FILE, problems)
-    if text is not None:
-        names, label_problems = parse_label_file(text)
-        problems += label_problems
-    entries: list[ListEntry] = []
-    for split in SPLITS:
-        file = f"{split}.txt"
-        text = _read_text_file(root, file, problems)
-        if text is None:
-            continue
-        split_entries, list_problems = parse_list_file(text, file, len(names) if names else None)
-        entries += split_entries
-        problems += list_problems
-    entries, dup_problems = find_duplicates(entries)
-    return names, entries, problems + dup_problems
 
 
 def _demo_images(root: str, out_check: str, split: str, entries: list[ListEntry], names: list[str],
@@ -97,7 +63,7 @@ def check_dataset(root: str, output: str, max_pixels: int,
     Returns the result (as written to ``<output>/check_dataset_result.json``) and the problems found.
     """
     out_check = storage.join(output, "check_dataset")
-    names, entries, problems = _read_dataset(root)
+    names, entries, problems = read_dataset(root)
     problems = list(prior_problems) + problems
 
     widths, heights, good = [], [], np.zeros(len(entries), dtype=bool)

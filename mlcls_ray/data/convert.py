@@ -86,6 +86,9 @@ def _list_lines(data: dict, rel: str, index: dict[int, int], on_disk: set[str]) 
         images[img["id"]] = img
     labels = {image_id: [0] * len(index) for image_id in images}
     for ann in data["annotations"]:
+        if not isinstance(ann, dict):
+            problems.append(Problem("bad_annotations", rel, None, f"annotation {ann!r} is not an object"))
+            continue
         image_id, cat = ann.get("image_id"), ann.get("category_id")
         if image_id not in images:
             problems.append(Problem("bad_annotations", rel, None,

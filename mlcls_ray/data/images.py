@@ -8,13 +8,16 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageDecodeError", "decode_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "MAX_PIXELS_CEILING", "ImageDecodeError", "decode_image"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold: ~ 9459 x 9459
+MAX_PIXELS_CEILING = 2 * DEFAULT_MAX_PIXELS  # Pillow refuses larger images itself; no limit can go above it
 _ORIENTATION = 0x0112  # EXIF tag
-
-# This module enforces its own limit (before decoding, with a readable reason), so Pillow's global one is off.
-Image.MAX_IMAGE_PIXELS = None
+# Raster formats a labelling dataset holds. Pillow's other openers (EPS through Ghostscript, PSD, FITS, ...) are
+# never handed a user's file: a ".jpg" that is really PostScript must not reach an interpreter.
+Image.init()  # register every plugin, so the names below can be looked up
+FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO", "JPEG2000",
+                            "AVIF", "QOI") if f in Image.OPEN)
 
 
 class ImageDecodeError(ValueError):
@@ -24,6 +27,14 @@ class ImageDecodeError(ValueError):
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
+
+
+def _bomb(width: int, height: int, max_pixels: int) -> ImageDecodeError:
+    return ImageDecodeError(
+        "decompression_bomb",
+        f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+        "(a decompression bomb, or raise Global.max_image_pixels)",
+    )
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -57,14 +68,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on odd metadata; failures below still raise
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = img.size
             if width * height > max_pixels:
-                raise ImageDecodeError(
-                    "decompression_bomb",
-                    f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
-                    "(a decompression bomb, or raise Global.max_image_pixels)",
-                )
+                raise _bomb(width, height, max_pixels)
             img.load()  # full decode: truncated or corrupt data fails here, not later in training
             if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even when there is nothing to do
                 img = ImageOps.exif_transpose(img)
@@ -72,7 +79,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise ImageDecodeError("not_an_image", f"not an image (unrecognised format, {len(data):,} bytes)") from None
+        raise ImageDecodeError(
+            "not_an_image", f"not an image (unrecognised or unaccepted format, {len(data):,} bytes)") from None
+    except Image.DecompressionBombError as exc:  # over Pillow's own ceiling: refused inside Image.open, before ours
+        raise ImageDecodeError("decompression_bomb", f"{exc} (over the limit of {max_pixels:,})") from None
     except Exception as exc:  # Pillow's plugins raise many types on hostile input; one bad file must not end a job
         raise ImageDecodeError("corrupt_image", f"truncated or corrupt image data ({type(exc).__name__}: {exc})") \
             from None

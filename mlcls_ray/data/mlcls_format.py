@@ -1,14 +1,16 @@
 """PaddleX's MLClsDataset format: ``label.txt`` and the ``train.txt``/``val.txt`` lists, read and written.
 
-Parsing never stops at the first problem: each bad line becomes a :class:`Problem` with its file and line.
+Reading never stops at the first problem: each bad line becomes a :class:`Problem` with its file and line.
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
+from collections import Counter
 from dataclasses import dataclass
 
+from mlcls_ray import storage
 from mlcls_ray.data.problems import Problem
 
 __all__ = [
@@ -20,12 +22,16 @@ __all__ = [
     "format_line",
     "parse_label_file",
     "parse_list_file",
+    "read_dataset",
 ]
 
 LABEL_FILE = "label.txt"
 SPLITS = ("train", "val")
 
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+# "<path> <vector>" with spaces: the shortest path followed by something vector-shaped (comma-separated tokens, or a
+# lone 0/1 for one class), so "a b.jpg 0, 1" splits after "b.jpg" and "a b.jpg" alone has no label field.
+_SPACED = re.compile(r"^(?P<path>.*?\S)\s+(?P<vector>[^\s,]*(?:\s*,\s*[^\s,]*)+|[01])$")
 
 
 @dataclass(frozen=True)
@@ -48,18 +54,16 @@ def parse_label_file(text: str, file: str = LABEL_FILE) -> tuple[list[str], list
     names: dict[int, str] = {}
     first_line: dict[int, int] = {}
     name_line: dict[str, int] = {}
-    valid_lines = 0
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line:
             continue
-        id_text, _, name = line.partition(" ")
-        id_text, name = id_text.strip(), name.strip()
+        id_text, name = (line.split(None, 1) + [""])[:2]  # a space or a tab after the id; names keep inner spaces
+        name = name.strip()
         if not re.fullmatch(r"-?\d+", id_text):
             problems.append(Problem("bad_label_line", file, lineno, f"expected '<int id> <name>', got {line!r}"))
             continue
         class_id = int(id_text)
-        valid_lines += 1
         if class_id < 0:
             problems.append(Problem("label_ids", file, lineno, f"class id {class_id} is negative"))
             continue
@@ -78,9 +82,7 @@ def parse_label_file(text: str, file: str = LABEL_FILE) -> tuple[list[str], list
         name_line.setdefault(name, lineno)
     if not names and not problems:
         problems.append(Problem("bad_label_line", file, None, "no classes defined (the file is empty)"))
-    # A repeated id most likely means a typo in a line, not one class fewer: size the vectors by the larger count,
-    # so one mistake here does not also fail every list line.
-    size = max(max(names) + 1, valid_lines) if names else 0
+    size = max(names) + 1 if names else 0
     missing = [i for i in range(size) if i not in names]
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
@@ -131,7 +133,8 @@ def parse_list_file(text: str, file: str, num_classes: int | None) -> tuple[list
             if len(fields) > 2 and not any(f.strip() for f in fields[2:]):
                 fields = fields[:2]  # trailing tabs
         else:
-            fields = line.strip().rsplit(None, 1)
+            match = _SPACED.match(line.strip())
+            fields = [match["path"], match["vector"]] if match else [line.strip()]
         path = fields[0].strip()
         if len(fields) < 2 or not fields[1].strip():
             problems.append(Problem("no_label_field", file, lineno, "no label vector after the path", path or None))
@@ -176,3 +179,65 @@ def format_line(path: str, labels: tuple[int, ...] | list[int]) -> str:
 
 def format_label_file(names: list[str]) -> str:
     return "".join(f"{i} {name}\n" for i, name in enumerate(names))
+
+
+def _read_text(root: str, file: str, problems: list[Problem]) -> str | None:
+    """The file's text, or None with a problem recorded (missing, a folder, not UTF-8)."""
+    uri = storage.join(root, file)
+    if not storage.exists(uri):
+        problems.append(Problem("missing_file", file, None, f"{file} not found in {root}"))
+        return None
+    try:
+        data = storage.read_bytes(uri)
+    except storage.StorageError as exc:
+        problems.append(Problem("unreadable_file", file, None, str(exc)))
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        problems.append(Problem("unreadable_file", file, line, f"not UTF-8 text (byte {exc.start:,})"))
+        return None
+
+
+def _majority_length(entries: list[ListEntry], problems: list[Problem]) -> list[ListEntry]:
+    """Without a usable label.txt, hold the vectors to the length most lines agree on."""
+    lengths = Counter(len(e.labels) for e in entries)
+    if len(lengths) <= 1:
+        return entries
+    common = lengths.most_common(1)[0][0]
+    for e in entries:
+        if len(e.labels) != common:
+            problems.append(Problem("wrong_length", e.file, e.line,
+                                    f"label vector has {len(e.labels)} values, most lines have {common}", e.path))
+    return [e for e in entries if len(e.labels) == common]
+
+
+def read_dataset(root: str, splits: tuple[str, ...] = SPLITS) -> tuple[list[str] | None, list[ListEntry], list[Problem]]:
+    """Read ``label.txt`` and the lists of an MLClsDataset (local or s3://), collecting every problem.
+
+    Returns the class names (None when label.txt is missing or has problems, since then no name can be trusted),
+    the unique, well-formed entries of all lists in order, and the problems.
+    """
+    problems: list[Problem] = []
+    text = _read_text(root, LABEL_FILE, problems)
+    names = None
+    if text is not None:
+        names, label_problems = parse_label_file(text)
+        problems += label_problems
+        names = None if label_problems else names
+    entries: list[ListEntry] = []
+    for split in splits:
+        file = f"{split}.txt"
+        text = _read_text(root, file, problems)
+        if text is None:
+            continue
+        split_entries, list_problems = parse_list_file(text, file, len(names) if names else None)
+        if not split_entries and not list_problems:
+            problems.append(Problem("empty_list", file, None, f"{file} lists no images"))
+        entries += split_entries
+        problems += list_problems
+    if names is None:
+        entries = _majority_length(entries, problems)
+    entries, dup_problems = find_duplicates(entries)
+    return names, entries, problems + dup_problems

@@ -29,9 +29,7 @@ def _check_one(fs: pafs.FileSystem, root: str, real_root: str | None, rel: str, 
             data = f.read()
     except FileNotFoundError:
         return "missing_image", "image file not found", 0, 0
-    except OSError as exc:
-        if "not exist" in str(exc) or "NoSuchKey" in str(exc):
-            return "missing_image", "image file not found", 0, 0
+    except OSError as exc:  # a folder where the image should be, permissions, a storage error
         return "unreadable_file", f"cannot read ({exc})", 0, 0
     try:
         height, width = decode_image(data, max_pixels).shape[:2]

@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 __all__ = ["cooccurrence_png", "demo_image_jpeg", "histogram_png", "label_stats", "size_stats"]
 
 _DEMO_MIN_WIDTH = 256  # demo images of tiny datasets are upscaled so their label strip stays readable
+HISTOGRAM_CLASSES = 150  # bars drawn at most
+HEATMAP_CLASSES = 60  # rows and columns drawn at most
 
 
 def _png(fig: plt.Figure) -> bytes:
@@ -25,33 +27,47 @@ def _png(fig: plt.Figure) -> bytes:
     return buf.getvalue()
 
 
+def _shown(total: int, limit: int) -> str:
+    return f" ({limit} most frequent of {total} classes)" if total > limit else ""
+
+
 def histogram_png(names: list[str], train: np.ndarray, val: np.ndarray) -> bytes:
-    """Images per class, train and val side by side, sorted by train count (PaddleX's plot, readable at any N)."""
-    order = np.argsort(-train, kind="stable")
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(8, len(names) / 5), 5), dpi=150)
+    """Images per class, train and val side by side, sorted by train count (PaddleX's plot).
+
+    Past :data:`HISTOGRAM_CLASSES` classes only the most frequent are drawn, so the figure stays readable and its
+    memory stays bounded; the JSON report has every count.
+    """
+    order = np.argsort(-train, kind="stable")[:HISTOGRAM_CLASSES]
+    x = np.arange(len(order))
+    fig, ax = plt.subplots(figsize=(max(8, len(order) / 5), 5), dpi=150)
     ax.bar(x - 0.2, train[order], width=0.4, label="train")
     ax.bar(x + 0.2, val[order], width=0.4, label="val")
-    ax.set_xticks(x, [names[i] for i in order], rotation=90 if len(names) > 10 else 0)
+    ax.set_xticks(x, [names[i] for i in order], rotation=90 if len(order) > 10 else 0)
     ax.set_ylabel("images")
-    ax.set_title("Images per class")
+    ax.set_title("Images per class" + _shown(len(names), HISTOGRAM_CLASSES))
     ax.legend()
     return _png(fig)
 
 
 def cooccurrence_png(names: list[str], labels: np.ndarray) -> bytes:
-    """Heatmap of P(column | row): how often class j is present when class i is, over all images."""
+    """Heatmap of P(column | row): how often class j is present when class i is, over all images.
+
+    Past :data:`HEATMAP_CLASSES` classes only the most frequent are drawn.
+    """
     y = labels.astype(np.float64)  # [N, C]
-    both = y.T @ y  # [C, C]
+    keep = np.sort(np.argsort(-y.sum(axis=0), kind="stable")[:HEATMAP_CLASSES])
+    y = y[:, keep]  # [N, K]
+    both = y.T @ y  # [K, K]
     cond = both / np.maximum(np.diag(both)[:, None], 1)
-    size = max(6, len(names) / 3)
+    shown = [names[i] for i in keep]
+    size = max(6, len(shown) / 3)
     fig, ax = plt.subplots(figsize=(size, size), dpi=150)
     im = ax.imshow(cond, vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=90)
-    ax.set_yticks(range(len(names)), names)
+    ax.set_xticks(range(len(shown)), shown, rotation=90)
+    ax.set_yticks(range(len(shown)), shown)
     ax.set_xlabel("class j")
     ax.set_ylabel("class i")
-    ax.set_title("Label co-occurrence: P(j | i)")
+    ax.set_title("Label co-occurrence: P(j | i)" + _shown(len(names), HEATMAP_CLASSES))
     fig.colorbar(im, ax=ax, fraction=0.046)
     return _png(fig)
 

@@ -12,7 +12,7 @@ import random
 import numpy as np
 
 from mlcls_ray import storage
-from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, find_duplicates, parse_label_file, parse_list_file
+from mlcls_ray.data.mlcls_format import SPLITS, read_dataset
 from mlcls_ray.data.problems import Problem
 
 __all__ = ["iterative_stratification", "split_dataset"]
@@ -66,7 +66,36 @@ def iterative_stratification(labels: np.ndarray, ratios: tuple[float, ...], seed
             want_label[j, own] -= 1
             want[j] -= 1
             remaining[own] -= 1
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    _exact_sizes(y, assigned, np.asarray(ratios, dtype=np.float64), rank)
     return assigned
+
+
+def _exact_sizes(y: np.ndarray, assigned: np.ndarray, ratios: np.ndarray, rank: np.ndarray) -> None:
+    """Move the least harmful samples from over-full subsets to under-full ones until the sizes are exact.
+
+    Stratification lands a few samples off the requested sizes; PaddleX users expect ``round(N * pct / 100)``.
+    A sample's harm is how much moving it worsens the label balance, each label measured relative to its size.
+    """
+    n, k = len(assigned), len(ratios)
+    target = np.floor(ratios * n + 0.5).astype(np.int64)  # [K]
+    target[-1] = n - target[:-1].sum()
+    totals = y.sum(axis=0)  # [C+1]
+    share = ratios[:, None] * totals  # [K, C+1] positives each subset should hold
+    yf = y.astype(np.float64)
+    while True:
+        extra = np.bincount(assigned, minlength=k) - target  # [K]
+        if not extra.any():
+            return
+        donor, receiver = int(np.argmax(extra)), int(np.argmin(extra))
+        held = np.stack([yf[assigned == j].sum(axis=0) for j in range(k)])  # [K, C+1]
+        surplus = (held - share) / np.maximum(totals, 1)  # [K, C+1] relative excess of each label
+        gain = yf @ (surplus[donor] - surplus[receiver])  # [N] balance gained by moving each sample
+        candidates = np.flatnonzero(assigned == donor)
+        best = candidates[np.lexsort((rank[candidates], -gain[candidates]))]
+        move = max(1, min(extra[donor], -extra[receiver]) // 2)  # half at a time, re-scoring in between
+        assigned[best[:move]] = receiver
 
 
 def split_dataset(root: str, train_percent: int, val_percent: int, seed: int) -> list[Problem]:
@@ -74,24 +103,11 @@ def split_dataset(root: str, train_percent: int, val_percent: int, seed: int) ->
 
     Returns the problems that prevented the split (nothing is written then); an empty list means it was done.
     """
-    label_uri = storage.join(root, LABEL_FILE)
-    if not storage.exists(label_uri):
-        return [Problem("split_skipped", LABEL_FILE, None, "split needs label.txt to know the classes")]
-    names, label_problems = parse_label_file(storage.read_text(label_uri))
-    if label_problems:
-        return [Problem("split_skipped", LABEL_FILE, None, "split skipped: fix label.txt first (see its errors)")]
-    entries, problems = [], []
-    lists = [s for s in SPLITS if storage.exists(storage.join(root, f"{s}.txt"))]
+    lists = tuple(s for s in SPLITS if storage.exists(storage.join(root, f"{s}.txt")))
     if not lists:
         return [Problem("split_skipped", "train.txt", None, "neither train.txt nor val.txt exists to split")]
-    for s in lists:
-        found, list_problems = parse_list_file(storage.read_text(storage.join(root, f"{s}.txt")), f"{s}.txt",
-                                               len(names))
-        entries += found
-        problems += list_problems
-    entries, dup_problems = find_duplicates(entries)
-    problems += dup_problems
-    if problems:
+    names, entries, problems = read_dataset(root, lists)
+    if problems or names is None:
         files = sorted({p.file for p in problems})
         return [Problem("split_skipped", files[0], None,
                         f"split skipped: fix the {len(problems)} problem(s) in {', '.join(files)} first")]

@@ -108,15 +108,21 @@ def test_every_problem_is_reported_with_file_line_and_reason(ray_start_2_cpus, b
     assert tree_digest(broken) == before
 
 
-def test_label_file_problems_fail_the_check(ray_start_2_cpus, tmp_path):
-    root = make_mlcls(tmp_path / "ds", NAMES, train=[("images/a.jpg", [1, 0, 0])], val=[("images/b.jpg", [0, 0, 1])])
-    (root / "label.txt").write_text("0 cat\n1 dog\n1 bird\n")
+@pytest.mark.parametrize("label_txt, line, reason", [
+    ("0 cat\n1 dog\n1 bird\n", 3, "class id 1 repeated (first at line 2)"),
+    ("1 cat\n3 dog\n90 bird\n", None, "ids must be exactly 0..N-1 with no gaps; missing 0, 2, 4"),  # PaddleX's COCO
+])
+def test_a_bad_label_file_is_named_without_failing_every_line(ray_start_2_cpus, tmp_path, label_txt, line, reason):
+    root = make_mlcls(tmp_path / "ds", NAMES, train=[("images/a.jpg", [1, 0, 0]), ("images/gone.jpg", [0, 1, 0])],
+                      val=[("images/b.jpg", [0, 0, 1]), ("images/c.jpg", [1, 1])])
+    (root / "images" / "gone.jpg").unlink()
+    (root / "label.txt").write_text(label_txt)
     assert run_check(root, tmp_path / "out") == 1
-    errors = result(tmp_path / "out")["errors"]
-    # the repeat is named, and the list lines are not all failed for it: 3 class lines still mean 3-long vectors
-    assert [(e["file"], e.get("line"), e["kind"]) for e in errors] == [
-        ("label.txt", None, "label_ids"), ("label.txt", 3, "label_ids")]
-    assert "missing 2" in errors[0]["reason"] and "class id 1 repeated (first at line 2)" in errors[1]["reason"]
+    errors = [(e["file"], e.get("line"), e["kind"], e["reason"]) for e in result(tmp_path / "out")["errors"]]
+    # the lists are held to the length most lines agree on, and the images are still decoded
+    assert [e[:3] for e in errors] == [("label.txt", line, "label_ids"), ("train.txt", 2, "missing_image"),
+                                       ("val.txt", 2, "wrong_length")]
+    assert reason in errors[0][3] and "label vector has 2 values, most lines have 3" in errors[2][3]
 
 
 def test_missing_lists_are_reported_together(ray_start_2_cpus, tmp_path):
@@ -207,7 +213,7 @@ def test_convert_and_split_then_check_through_the_job_script(tmp_path):
     assert "Check dataset passed!" in proc.stdout
     report = result(tmp_path / "out")
     assert report["attributes"]["train_samples"] + report["attributes"]["val_samples"] == 200
-    assert abs(report["attributes"]["val_samples"] - 50) <= 3
+    assert report["attributes"]["val_samples"] == 50
     assert (root / "train.txt.bak").exists()  # the lists written by conversion, kept when split replaced them
     assert (root / "label.txt").read_text().startswith("0 circle\n")
 
@@ -232,3 +238,18 @@ def test_a_failing_run_leaves_paddlex_failure_record_and_one_line(ray_start_2_cp
     assert result(out)["done_flag"] is False and result(out)["err_type"] == "StorageError"
     err = ours(capsys.readouterr().err, "mlcls: check_dataset failed: StorageError:")
     assert len(err.splitlines()) == 2 and "Traceback" not in err
+
+
+def test_empty_lists_do_not_pass(ray_start_2_cpus, tmp_path):
+    root = make_mlcls(tmp_path / "ds", NAMES, train=[("images/a.jpg", [1, 0, 0])], val=[])
+    assert run_check(root, tmp_path / "out") == 1
+    assert [(e["file"], e["kind"]) for e in result(tmp_path / "out")["errors"]] == [("val.txt", "empty_list")]
+
+
+def test_a_folder_in_place_of_an_image_is_unreadable(ray_start_2_cpus, tmp_path):
+    root = make_mlcls(tmp_path / "ds", NAMES, train=[("images/a.jpg", [1, 0, 0])], val=[("images/b.jpg", [0, 0, 1])])
+    (root / "images" / "b.jpg").unlink()
+    (root / "images" / "b.jpg").mkdir()
+    assert run_check(root, tmp_path / "out") == 1
+    (error,) = result(tmp_path / "out")["errors"]
+    assert (error["file"], error["line"], error["kind"]) == ("val.txt", 1, "unreadable_file")

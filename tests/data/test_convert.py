@@ -86,3 +86,14 @@ def test_missing_annotations_are_reported(tmp_path):
     problems, converted = convert_coco(str(tmp_path))
     assert not converted
     assert [p.file for p in problems] == ["annotations/instance_train.json", "annotations/instance_val.json"]
+
+
+def test_malformed_entries_are_reported_and_the_rest_converted(dataset):
+    train = json.loads((dataset / "annotations" / "instance_train.json").read_text())
+    train["annotations"] += ["not an object", {"id": 99, "image_id": 1, "category_id": 42}]
+    (dataset / "annotations" / "instance_train.json").write_text(json.dumps(train))
+    problems, converted = convert_coco(str(dataset))
+    assert converted
+    reasons = [p.reason for p in problems if p.kind == "bad_annotations"]
+    assert reasons == ["annotation 'not an object' is not an object",
+                       "annotation 99 has category_id 42, not in 'categories'"]

@@ -72,3 +72,10 @@ def test_decompression_bomb_is_refused_before_decoding():
         decode_image(bomb, max_pixels=1_000_000)
     assert err.value.kind == "decompression_bomb"
     assert "4000x4000 = 16,000,000 pixels, over the limit of 1,000,000" in err.value.reason
+
+
+def test_a_postscript_file_named_jpg_never_reaches_an_interpreter():
+    eps = encode(Image.new("RGB", (8, 8)), "EPS")  # Pillow would hand this to Ghostscript
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(eps)
+    assert err.value.kind == "not_an_image" and "unaccepted format" in err.value.reason
