@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -232,7 +233,7 @@ def _resolve_base(config: str) -> tuple[dict[str, Any], dict[str, Any], str]:
     return _load_preset(model), user, config
 
 
-def load_config(config: str, overrides: list[str] = (), *, check_paths: bool = True) -> Config:
+def load_config(config: str, overrides: Sequence[str] = (), *, check_paths: bool = True) -> Config:
     """Resolve ``-c CONFIG -o K=V ...`` into a validated :class:`Config`.
 
     Args:
@@ -262,6 +263,9 @@ def load_config(config: str, overrides: list[str] = (), *, check_paths: bool = T
             values[key] = _coerce(key, value)
         except ConfigError as exc:
             problems.extend(exc.problems)
+    if parsed.get("Global.model", base["Global.model"]) != base["Global.model"]:
+        problems.append(f"Global.model: {parsed['Global.model']!r} cannot be set with -o, since the preset decides "
+                        f"every default; use -c {parsed['Global.model']}")
     missing = [k for k in SCHEMA if k not in base]
     if missing:
         problems.append(f"preset {base.get('Global.model')}: missing keys {', '.join(missing)}")

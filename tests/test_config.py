@@ -115,6 +115,7 @@ def test_a_user_yaml_only_needs_what_it_changes(tmp_path):
     ("Global.dataset_dir=/no/such/dir", "Global.dataset_dir: '/no/such/dir' is not an existing folder"),
     ("CheckDataset.split.enable=True", "train_percent + val_percent: None + None must be 100"),
     ("nodot", "expected Section.key=value"),
+    ("Global.model=ResNet50_ML", "Global.model: 'ResNet50_ML' cannot be set with -o"),
 ])
 def test_bad_input_names_the_key_and_what_is_allowed(tmp_path, override, message):
     args = [override] if "dataset_dir" in override else [f"Global.dataset_dir={tmp_path}", override]

@@ -12,6 +12,7 @@ import os
 import random
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -57,7 +58,7 @@ def _label_file_ref(root: str, output: str) -> str:
 
 
 def check_dataset(root: str, output: str, max_pixels: int,
-                  prior_problems: list[Problem] = ()) -> tuple[dict, list[Problem]]:
+                  prior_problems: Sequence[Problem] = ()) -> tuple[dict, list[Problem]]:
     """Validate an MLClsDataset fully and write its report, plots and demo images under ``output``.
 
     Returns the result (as written to ``<output>/check_dataset_result.json``) and the problems found.
