@@ -213,7 +213,7 @@ def _majority_length(entries: list[ListEntry], problems: list[Problem]) -> list[
     return [e for e in entries if len(e.labels) == common]
 
 
-def read_dataset(root: str, splits: tuple[str, ...] = SPLITS) -> tuple[list[str] | None, list[ListEntry], list[Problem]]:
+def read_dataset(root: str) -> tuple[list[str] | None, list[ListEntry], list[Problem]]:
     """Read ``label.txt`` and the lists of an MLClsDataset (local or s3://), collecting every problem.
 
     Returns the class names (None when label.txt is missing or has problems, since then no name can be trusted),
@@ -227,7 +227,7 @@ def read_dataset(root: str, splits: tuple[str, ...] = SPLITS) -> tuple[list[str]
         problems += label_problems
         names = None if label_problems else names
     entries: list[ListEntry] = []
-    for split in splits:
+    for split in SPLITS:
         file = f"{split}.txt"
         text = _read_text(root, file, problems)
         if text is None:

@@ -12,7 +12,7 @@ import random
 import numpy as np
 
 from mlcls_ray import storage
-from mlcls_ray.data.mlcls_format import SPLITS, read_dataset
+from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, read_dataset
 from mlcls_ray.data.problems import Problem
 
 __all__ = ["iterative_stratification", "split_dataset"]
@@ -103,10 +103,11 @@ def split_dataset(root: str, train_percent: int, val_percent: int, seed: int) ->
 
     Returns the problems that prevented the split (nothing is written then); an empty list means it was done.
     """
-    lists = tuple(s for s in SPLITS if storage.exists(storage.join(root, f"{s}.txt")))
-    if not lists:
-        return [Problem("split_skipped", "train.txt", None, "neither train.txt nor val.txt exists to split")]
-    names, entries, problems = read_dataset(root, lists)
+    names, entries, problems = read_dataset(root)
+    # pooling needs only one list with lines: a missing or empty train.txt or val.txt is what a split fixes
+    problems = [p for p in problems if not (p.file != LABEL_FILE and p.kind in ("missing_file", "empty_list"))]
+    if not entries and not problems:
+        return [Problem("split_skipped", "train.txt", None, "train.txt and val.txt list no images to split")]
     if problems or names is None:
         files = sorted({p.file for p in problems})
         return [Problem("split_skipped", files[0], None,

@@ -86,3 +86,24 @@ def test_split_refuses_a_broken_list_and_writes_nothing(demo):
     assert [p.kind for p in problems] == ["split_skipped"]
     assert "fix the 1 problem(s) in val.txt first" in problems[0].reason
     assert pooled(demo) == before and not (demo / "train.txt.bak").exists()
+
+
+def test_everything_in_train_and_an_empty_or_missing_val_is_split(demo):
+    lines = (demo / "train.txt").read_text() + (demo / "val.txt").read_text()
+    (demo / "train.txt").write_text(lines)
+    (demo / "val.txt").write_text("")
+    assert split_dataset(str(demo), 80, 20, seed=0) == []
+    assert len((demo / "val.txt").read_text().splitlines()) == 60
+    assert pooled(demo) == Counter(lines.splitlines())
+    remaining = (demo / "train.txt").read_text().splitlines()
+    (demo / "val.txt").unlink()
+    assert split_dataset(str(demo), 80, 20, seed=0) == []
+    assert pooled(demo) == Counter(remaining) and len((demo / "val.txt").read_text().splitlines()) == 48
+
+
+def test_nothing_to_split_is_said_plainly(tmp_path):
+    root = generate(tmp_path / "ds", 20, seed=0)
+    (root / "train.txt").write_text("")
+    (root / "val.txt").unlink()
+    assert [p.reason for p in split_dataset(str(root), 80, 20, seed=0)] == [
+        "train.txt and val.txt list no images to split"]
