@@ -3,29 +3,40 @@
 Every path a user gives goes through :func:`resolve`. S3 honours the standard AWS variables
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
 ``AWS_PROFILE``) and ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` for MinIO, Ceph and other S3-compatible servers.
+Without a region variable, a bucket's own region is asked for once, so buckets outside us-east-1 work too.
 The filesystems are picklable, so Ray tasks get the driver's resolved settings.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import posixpath
 import tempfile
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 __all__ = [
     "StorageError",
     "backup",
+    "delete",
     "exists",
     "is_dir",
     "is_remote",
     "join",
     "list_files",
+    "open_input",
+    "open_output",
     "read_bytes",
     "read_text",
+    "replacing",
     "resolve",
+    "size",
     "write_bytes",
     "write_text",
 ]
@@ -33,6 +44,8 @@ __all__ = [
 _S3_SCHEMES = ("s3://", "s3a://")
 _UMASK = os.umask(0o022)  # reading the umask means setting it; put it straight back
 os.umask(_UMASK)
+_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 class StorageError(OSError):
@@ -43,22 +56,44 @@ def is_remote(uri: str) -> bool:
     return str(uri).startswith(_S3_SCHEMES)
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
+@functools.lru_cache(maxsize=256)
+def _bucket_region(bucket: str, env: tuple) -> str | None:
+    """The region a bucket lives in, from S3's ``x-amz-bucket-region`` header (sent even with a 301 or 403).
+
+    ``env`` is the AWS environment boto3 reads; it is part of the cache key only.
+    """
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    client = boto3.client("s3", region_name="us-east-1",
+                          config=BotoConfig(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+    try:
+        response = client.head_bucket(Bucket=bucket)
+    except client.exceptions.ClientError as exc:
+        response = exc.response
+    except Exception:  # offline or refused: pyarrow's default region applies and the real request names the error
+        return None
+    return response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
+
+
+@functools.lru_cache(maxsize=256)
+def _s3_filesystem(bucket: str, env: tuple) -> pafs.S3FileSystem:
+    values = dict(zip(_ENV, env))
     kwargs: dict = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = values["AWS_ENDPOINT_URL_S3"] or values["AWS_ENDPOINT_URL"]
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
         kwargs["scheme"] = parsed.scheme
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    region = values["AWS_REGION"] or values["AWS_DEFAULT_REGION"] or _bucket_region(bucket, env)
     if region:
         kwargs["region"] = region
     # Explicit keys travel with the pickled filesystem, so Ray workers on other nodes need no env of their own.
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    if values["AWS_ACCESS_KEY_ID"] and values["AWS_SECRET_ACCESS_KEY"]:
+        kwargs["access_key"] = values["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = values["AWS_SECRET_ACCESS_KEY"]
+        if values["AWS_SESSION_TOKEN"]:
+            kwargs["session_token"] = values["AWS_SESSION_TOKEN"]
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -72,15 +107,18 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         path = uri.split("://", 1)[1].strip("/")
         if not path:
             raise StorageError(f"{uri}: an S3 URI needs a bucket, e.g. s3://bucket/prefix")
-        return _s3_filesystem(), path
+        return _s3_filesystem(path.split("/", 1)[0], tuple(os.environ.get(k) for k in _ENV)), path
     if "://" in uri:
         raise StorageError(f"{uri}: unsupported scheme; use a local path or s3://bucket/prefix")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a URI, keeping its scheme."""
+    """Join relative path parts onto a URI, keeping its scheme. An absolute part is refused, not allowed to win."""
     uri = str(uri)
+    for part in parts:
+        if part.startswith(("/", "\\")) or "://" in part:
+            raise StorageError(f"{part}: cannot join an absolute path onto {uri}; give a path relative to it")
     if is_remote(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
     return os.path.join(uri, *parts)
@@ -102,13 +140,31 @@ def is_dir(uri: str) -> bool:
     return _info(uri).type == pafs.FileType.Directory
 
 
-def read_bytes(uri: str) -> bytes:
+def size(uri: str) -> int:
+    """The file's size in bytes."""
+    info = _info(uri)
+    if info.type != pafs.FileType.File:
+        raise StorageError(f"{uri}: file not found" if info.type == pafs.FileType.NotFound else f"{uri}: not a file")
+    return info.size
+
+
+def open_input(uri: str) -> pa.NativeFile:
+    """A readable stream over the file (use it as a context manager)."""
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return fs.open_input_stream(path)
     except FileNotFoundError as exc:
         raise StorageError(f"{uri}: file not found") from exc
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot read ({exc})") from exc
+
+
+def read_bytes(uri: str) -> bytes:
+    try:
+        with open_input(uri) as f:
+            return f.read()
+    except StorageError:
+        raise
     except OSError as exc:
         raise StorageError(f"{uri}: cannot read ({exc})") from exc
 
@@ -121,36 +177,66 @@ def read_text(uri: str) -> str:
         raise StorageError(f"{uri}: not UTF-8 text (byte {exc.start})") from exc
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file atomically: readers see the old file or the new one, never half of it.
+@contextlib.contextmanager
+def open_output(uri: str) -> Iterator[BinaryIO]:
+    """Write a file by streaming into it; readers see the old file or the whole new one, never half of it.
 
-    Locally the bytes go to a temporary file in the same folder, then ``os.replace``. On S3 a single PUT of the
-    complete buffer is atomic by nature.
+    Locally the bytes go to a temporary file in the same folder, which is flushed to disk (fsync) and then renamed
+    over the target. On S3 the object appears when the upload completes.
     """
     fs, path = resolve(uri)
     try:
-        if isinstance(fs, pafs.LocalFileSystem):
-            folder = os.path.dirname(path)
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-            try:
-                # mkstemp makes the file owner-only; give it the mode a plain open() would (or keep the old one's)
-                os.fchmod(fd, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_UMASK)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        else:
+        if not isinstance(fs, pafs.LocalFileSystem):
             with fs.open_output_stream(path) as f:
-                f.write(data)
+                yield f
+            return
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        try:
+            # mkstemp makes the file owner-only; give it the mode a plain open() would (or keep the old one's)
+            os.fchmod(fd, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~_UMASK)
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())  # the data is on disk before the name points at it
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except StorageError:
+        raise
     except OSError as exc:
         raise StorageError(f"{uri}: cannot write ({exc})") from exc
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically (see :func:`open_output`)."""
+    with open_output(uri) as f:
+        f.write(data)
+
+
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
+
+
+def _move(src: str, dst: str) -> None:
+    fs, src_path = resolve(src)
+    try:
+        fs.move(src_path, resolve(dst)[1])
+    except OSError as exc:
+        raise StorageError(f"{src}: cannot move to {dst} ({exc})") from exc
+
+
+def delete(uri: str) -> None:
+    """Delete a file if it exists."""
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot delete ({exc})") from exc
 
 
 def backup(uri: str) -> str | None:
@@ -164,12 +250,57 @@ def backup(uri: str) -> str | None:
     while exists(target):
         n += 1
         target = f"{uri}.bak.{n}"
-    fs, src = resolve(uri)
-    try:
-        fs.move(src, resolve(target)[1])
-    except OSError as exc:
-        raise StorageError(f"{uri}: cannot move to {target} ({exc})") from exc
+    _move(uri, target)
     return target
+
+
+@contextlib.contextmanager
+def replacing(targets: Sequence[str]) -> Iterator[dict[str, str]]:
+    """Replace several files together: every file or none, and each old one kept as a numbered ``.bak``.
+
+    Yields ``{target: staging URI}``; write each new file's whole content to its staging URI inside the block.
+    If anything fails while they are written, the staging files are removed and no target is touched. Only when
+    all are written are the old files backed up and the new ones moved into place; if one of those moves fails,
+    the ones already done are undone, so a dataset never holds a new ``train.txt`` beside an old ``val.txt``.
+    A target whose new content equals its old one is left as it is.
+    """
+    staged = {t: join(posixpath.dirname(t) if is_remote(t) else os.path.dirname(t),
+                      f".{posixpath.basename(t)}.partial") for t in targets}
+    try:
+        yield staged
+        done: list[tuple[str, str | None]] = []
+        try:
+            for target, new in staged.items():
+                if _same_content(new, target):
+                    continue  # a repeated run: nothing to replace, and no backup piled up
+                done.append((target, backup(target)))
+                _move(new, target)
+        except Exception as exc:
+            _undo(done)
+            raise StorageError(f"{exc}; every file was put back as it was") from exc
+    finally:
+        for new in staged.values():
+            with contextlib.suppress(StorageError):
+                delete(new)
+
+
+def _same_content(a: str, b: str, chunk: int = 8 << 20) -> bool:
+    if not exists(b) or size(a) != size(b):
+        return False
+    with open_input(a) as fa, open_input(b) as fb:
+        while True:
+            block = fa.read(chunk)
+            if block != fb.read(chunk):
+                return False
+            if not block:
+                return True
+
+
+def _undo(done: list[tuple[str, str | None]]) -> None:
+    for target, old in reversed(done):
+        delete(target)
+        if old is not None:
+            _move(old, target)
 
 
 def list_files(uri: str) -> list[str]:

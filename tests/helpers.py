@@ -6,6 +6,7 @@ from pathlib import Path
 
 import boto3
 
+from mlcls_ray import storage
 from mlcls_ray.data.mlcls_format import format_label_file, format_line
 
 
@@ -17,6 +18,19 @@ def upload_tree(local: Path, s3_uri: str) -> None:
         if path.is_file():
             key = "/".join(p for p in (prefix, path.relative_to(local).as_posix()) if p)
             client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def failing_move_onto(name: str):
+    """A stand-in for ``storage._move`` that fails when a staged file would become ``name``: a fault injected
+    between the files of one replacement, after the ones before it were moved."""
+    real_move = storage._move
+
+    def move(src: str, dst: str) -> None:
+        if dst.endswith("/" + name) and ".partial" in src:
+            raise storage.StorageError(f"{dst}: injected failure")
+        real_move(src, dst)
+
+    return move
 
 
 def write_image(path: Path, size: tuple[int, int] = (40, 32), color=(200, 40, 40), fmt: str = "JPEG",

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from mlcls_ray import storage
+from tests.helpers import failing_move_onto
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -63,3 +64,64 @@ def test_local_writes_get_the_usual_permissions(tmp_path):
     os.umask(umask)
     assert new.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only 0600
     assert kept.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("base", ["s3://bucket/prefix", "/data/set"])
+def test_an_absolute_part_is_refused_not_allowed_to_replace_the_base(base):
+    with pytest.raises(storage.StorageError, match="cannot join an absolute path"):
+        storage.join(base, "/x")
+    assert storage.join(base, "a/b.txt") == f"{base}/a/b.txt"
+
+
+def test_a_bucket_outside_us_east_1_is_found_without_aws_region(s3_server, monkeypatch):
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="eu-bucket", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    fs, _ = storage.resolve("s3://eu-bucket/data")
+    assert fs.region == "eu-west-1"
+    storage.write_text("s3://eu-bucket/data/x.txt", "hello")
+    assert storage.read_text("s3://eu-bucket/data/x.txt") == "hello"
+
+
+def test_a_local_write_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    storage.write_text(str(tmp_path / "result.json"), "{}")
+    assert events == ["fsync", "replace"]
+
+
+def test_streamed_output_appears_whole_or_not_at_all(root):
+    uri = storage.join(root, "big.bin")
+    with storage.open_output(uri) as f:
+        for i in range(10):
+            f.write(bytes([i]) * 100_000)
+    assert storage.read_bytes(uri) == b"".join(bytes([i]) * 100_000 for i in range(10))
+    if not storage.is_remote(uri):
+        with pytest.raises(RuntimeError), storage.open_output(uri) as f:
+            f.write(b"partial")
+            raise RuntimeError("the writer failed half way")
+        assert storage.read_bytes(uri)[:100_000] == bytes(100_000)  # the old file, untouched
+
+
+def test_replacing_swaps_every_file_or_none(root, monkeypatch):
+    targets = [storage.join(root, name) for name in ("label.txt", "train.txt", "val.txt")]
+    for t in targets:
+        storage.write_text(t, "old " + t)
+    real_move = storage._move
+    monkeypatch.setattr(storage, "_move", failing_move_onto("val.txt"))
+    with pytest.raises(storage.StorageError, match="every file was put back as it was"):
+        with storage.replacing(targets) as staged:
+            for t in targets:
+                storage.write_text(staged[t], "new " + t)
+    assert [storage.read_text(t) for t in targets] == ["old " + t for t in targets]
+    assert storage.list_files(root) == ["label.txt", "train.txt", "val.txt"]  # no backups or staging left over
+    monkeypatch.setattr(storage, "_move", real_move)
+    with storage.replacing(targets) as staged:
+        for t in targets:
+            storage.write_text(staged[t], ("old " if t.endswith("label.txt") else "new ") + t)
+    assert [storage.read_text(t) for t in targets] == ["old " + targets[0], "new " + targets[1], "new " + targets[2]]
+    assert storage.list_files(root) == ["label.txt", "train.txt", "train.txt.bak", "val.txt", "val.txt.bak"]
