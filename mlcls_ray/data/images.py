@@ -1,4 +1,10 @@
-"""The one image decoder: bytes -> RGB uint8 array, with a pixel limit, EXIF rotation and mode conversion."""
+"""The one image decoder: bytes -> RGB uint8 array, with a pixel limit, EXIF rotation and mode conversion.
+
+It is called from many threads at once (Ray Data tasks read with I/O threads), so it keeps no state and does not
+touch the warning filters per call: ``warnings.catch_warnings()`` swaps the process-wide filters and is not
+thread-safe. Pillow's warnings (odd metadata, large images under our own limit) are silenced once, at import; real
+failures still raise.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ _ORIENTATION = 0x0112  # EXIF tag
 Image.init()  # register every plugin, so the names below can be looked up
 FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO", "JPEG2000",
                             "AVIF", "QOI") if f in Image.OPEN)
+# Pillow attributes its warnings to its own modules or, with stacklevel=2, to this one
+warnings.filterwarnings("ignore", module=r"PIL\.|mlcls_ray\.data\.images")
 
 
 class ImageDecodeError(ValueError):
@@ -66,16 +74,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if not data:
         raise ImageDecodeError("empty_file", "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow warns on odd metadata; failures below still raise
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = img.size
-            if width * height > max_pixels:
-                raise _bomb(width, height, max_pixels)
-            img.load()  # full decode: truncated or corrupt data fails here, not later in training
-            if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even when there is nothing to do
-                img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = img.size
+        if width * height > max_pixels:
+            raise _bomb(width, height, max_pixels)
+        img.load()  # full decode: truncated or corrupt data fails here, not later in training
+        if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even when there is nothing to do
+            img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:

@@ -1,12 +1,17 @@
 """The decoder: odd-but-valid images become RGB, bad bytes get a typed, readable reason."""
 
 import io
+import subprocess
+import sys
+import threading
+import time
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mlcls_ray.data.images import ImageDecodeError, decode_image
+from mlcls_ray.data.images import MAX_PIXELS_CEILING, ImageDecodeError, decode_image
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -39,12 +44,50 @@ def test_16_bit_greyscale_is_scaled_not_clipped():
     assert abs(int(out[0, 0, 0]) - 128) <= 1  # a plain convert("RGB") would give 255
 
 
-def test_exif_rotation_is_applied():
+@pytest.mark.parametrize("orientation, shape, corner", [
+    (1, (20, 60), "top_left"),
+    (3, (20, 60), "bottom_right"),  # stored upside down
+    (6, (60, 20), "top_right"),  # stored rotated: display turns it 90 degrees clockwise
+    (8, (60, 20), "bottom_left"),  # display turns it 90 degrees counter-clockwise
+])
+def test_exif_orientation_puts_the_marked_corner_where_a_viewer_shows_it(orientation, shape, corner):
     img = Image.new("RGB", (60, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 8, 8))  # a red mark in the stored top-left corner
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
-    out = decode_image(encode(img, "JPEG", exif=exif))
-    assert out.shape == (60, 20, 3)
+    exif[0x0112] = orientation
+    out = decode_image(encode(img, "PNG", exif=exif))
+    assert out.shape[:2] == shape
+    corners = {"top_left": out[2, 2], "top_right": out[2, -3], "bottom_left": out[-3, 2], "bottom_right": out[-3, -3]}
+    assert [name for name, px in corners.items() if px[0] > 200 and px[2] < 50] == [corner]
+
+
+def test_decoding_from_many_threads_never_touches_the_warning_filters():
+    """``warnings.catch_warnings()`` swaps the process-wide filters; from several threads it corrupts them."""
+    img = Image.new("RGB", (16, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(img, "JPEG", exif=exif)
+    before = list(warnings.filters)
+    seen_changed = threading.Event()
+    stop = threading.Event()
+
+    def decode_many():
+        while not stop.is_set():
+            decode_image(data)
+
+    def watch():
+        while not stop.is_set():
+            if list(warnings.filters) != before:
+                seen_changed.set()
+
+    threads = [threading.Thread(target=decode_many) for _ in range(4)] + [threading.Thread(target=watch)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not seen_changed.is_set() and list(warnings.filters) == before
 
 
 @pytest.mark.parametrize("data, kind, words", [
@@ -65,13 +108,36 @@ def test_truncated_jpeg_is_reported_as_corrupt():
     assert err.value.kind == "corrupt_image" and "truncated" in err.value.reason
 
 
-def test_decompression_bomb_is_refused_before_decoding():
-    bomb = encode(Image.new("L", (4000, 4000)), "PNG")  # a few KB on disk, 16 M pixels once decoded
-    assert len(bomb) < 100_000
-    with pytest.raises(ImageDecodeError) as err:
-        decode_image(bomb, max_pixels=1_000_000)
-    assert err.value.kind == "decompression_bomb"
-    assert "4000x4000 = 16,000,000 pixels, over the limit of 1,000,000" in err.value.reason
+_PEAK_GROWTH = """
+import resource, sys
+from mlcls_ray.data.images import MAX_PIXELS_CEILING, ImageDecodeError, decode_image
+data = open(sys.argv[1], "rb").read()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_image(data, max_pixels=int(sys.argv[2]))
+    print("decoded")
+except ImageDecodeError as exc:
+    print(exc.kind, exc.reason)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)  # peak growth, MB
+"""
+
+
+def test_decompression_bomb_is_refused_before_its_pixels_are_allocated(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (10_000, 10_000)).save(bomb)  # 100 M pixels, 300 MB as RGB; about 100 KB on disk
+    assert bomb.stat().st_size < 1_000_000
+
+    def peak(max_pixels):
+        out = subprocess.run([sys.executable, "-c", _PEAK_GROWTH, str(bomb), str(max_pixels)], capture_output=True,
+                             text=True, timeout=120, check=True).stdout.splitlines()
+        return out[0], int(out[1])
+
+    verdict, grown_mb = peak(1_000_000)
+    assert verdict == "decompression_bomb 10000x10000 = 100,000,000 pixels, over the limit of 1,000,000 " \
+                      "(a decompression bomb, or raise Global.max_image_pixels)"
+    assert grown_mb < 30  # nothing near the 100 MB of one decoded plane
+    verdict, grown_mb = peak(MAX_PIXELS_CEILING)  # the same file, allowed: the measurement does see a decode
+    assert verdict == "decoded" and grown_mb > 250
 
 
 def test_a_postscript_file_named_jpg_never_reaches_an_interpreter():
