@@ -58,6 +58,7 @@ SCHEMA: dict[str, Key] = {
     "Global.output": Key(str, f"output folder, {_PATH}"),
     "Global.max_image_pixels": Key(int, "images with more pixels are rejected (decompression bombs)", min=1,
                                    max=MAX_PIXELS_CEILING),
+    "Global.max_file_bytes": Key(int, "image files larger than this are rejected before they are read", min=1),
     "CheckDataset.convert.enable": Key(bool, "convert the dataset to MLClsDataset before checking"),
     "CheckDataset.convert.src_dataset_type": Key(str, "source format", nullable=True, choices=("COCO",)),
     "CheckDataset.split.enable": Key(bool, "re-split train/val with iterative stratification"),
@@ -125,9 +126,16 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _TextLoader(yaml.SafeLoader):
+    """Keeps every scalar as the text written, so the schema types it: ``output: 0777`` stays ``"0777"``."""
+
+
+_TextLoader.yaml_implicit_resolvers = {}
+
+
 def _read_yaml(text: str, where: str) -> dict[str, Any]:
     try:
-        tree = yaml.safe_load(text)
+        tree = yaml.load(text, Loader=_TextLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -147,6 +155,30 @@ def _sections() -> str:
     return ", ".join(dict.fromkeys(k.split(".")[0] for k in SCHEMA))
 
 
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_BOOLS = {"true": True, "false": False}
+
+
+def _typed(key: str, spec: Key, value: Any) -> Any:
+    """Text (from a YAML file or ``-o``) -> the key's type. Numbers are decimal as typed: ``010`` is ten, and
+    YAML 1.1's octal, sexagesimal (``1:30``), ``0x10``, ``1_000``, ``nan`` and ``inf`` are refused."""
+    if spec.type is str:
+        if not isinstance(value, str):
+            raise ConfigError([f"{key}: {value!r} is not a string ({spec.help})"])
+        return value
+    text = value.strip() if isinstance(value, str) else None
+    if spec.type is bool and text is not None and text.lower() in _BOOLS:
+        return _BOOLS[text.lower()]
+    if spec.type is int and text is not None and _INT.fullmatch(text):
+        return int(text, 10)
+    if spec.type is float and text is not None and _FLOAT.fullmatch(text):
+        return float(text)
+    kind = {bool: "a boolean; use True or False", int: "a decimal integer", float: "a finite decimal number"}
+    hint = "" if spec.type is bool else f" ({spec.help})"
+    raise ConfigError([f"{key}: {value!r} is not {kind[spec.type]}{hint}"])
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Check one value against its key; return it in the key's type or raise ConfigError (one line)."""
     spec = SCHEMA[key]
@@ -156,20 +188,7 @@ def _coerce(key: str, value: Any) -> Any:
         if spec.nullable:
             return None
         raise ConfigError([f"{key}: must be set ({spec.help})"])
-    if spec.type is bool:
-        if not isinstance(value, bool):
-            raise ConfigError([f"{key}: {value!r} is not a boolean; use True or False"])
-    elif spec.type is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError([f"{key}: {value!r} is not an integer ({spec.help})"])
-    elif spec.type is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError([f"{key}: {value!r} is not a number ({spec.help})"])
-        value = float(value)
-    elif spec.type is str:
-        if isinstance(value, (bool, list, dict)):
-            raise ConfigError([f"{key}: {value!r} is not a string ({spec.help})"])
-        value = str(value)
+    value = _typed(key, spec, value)
     if spec.choices is not None and value not in spec.choices:
         raise ConfigError([f"{key}: {value!r} is not allowed; choose one of: {', '.join(map(str, spec.choices))}"])
     if spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
@@ -180,10 +199,10 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``Section.key=value`` -> (key, value).
+    """``Section.key=value`` -> (key, value text).
 
-    The value parses as a YAML scalar (``True``, ``0.1``, ``None``, ``[1, 2]``), except for string keys (paths,
-    names), which keep the text as typed; ``None``/``null`` mean null everywhere.
+    The text is typed by the schema, exactly as a YAML file's values are; ``None``/``null`` mean null everywhere
+    and string keys (paths, names) keep the text as typed.
     """
     key, sep, raw = text.partition("=")
     key = key.strip()
@@ -192,20 +211,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if key not in SCHEMA:
         raise ConfigError([_unknown_key(key)])
     raw = raw.strip()
-    if raw in _NULLS:
-        return key, None
-    if SCHEMA[key].type is str:
-        return key, raw  # paths stay verbatim: `0777`, `on` and `a #b` are not YAML numbers, bools or comments
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return key, raw
-    if SCHEMA[key].type is float and isinstance(value, str):
-        try:
-            return key, float(raw)  # YAML 1.1 reads `1e-4` as a string
-        except ValueError:
-            pass
-    return key, value
+    return key, None if raw in _NULLS else raw
 
 
 def _load_preset(name: str) -> dict[str, Any]:
@@ -269,25 +275,30 @@ def load_config(config: str, overrides: Sequence[str] = (), *, check_paths: bool
     missing = [k for k in SCHEMA if k not in base]
     if missing:
         problems.append(f"preset {base.get('Global.model')}: missing keys {', '.join(missing)}")
-    if not problems:
-        problems = _cross_checks(values, check_paths)
+    problems += _cross_checks(values, check_paths)
     if problems:
         raise ConfigError(problems)
     return Config(values, source, {k: values[k] for k in parsed})
 
 
 def _cross_checks(v: dict[str, Any], check_paths: bool) -> list[str]:
+    """Checks that span keys. Each runs when the keys it reads are valid, so one bad value hides no other problem."""
+    def valid(*keys: str) -> bool:
+        return all(k in v for k in keys)
+
     problems = []
-    if v["CheckDataset.convert.enable"] and v["CheckDataset.convert.src_dataset_type"] is None:
+    convert = ("CheckDataset.convert.enable", "CheckDataset.convert.src_dataset_type")
+    if valid(*convert) and v[convert[0]] and v[convert[1]] is None:
         problems.append("CheckDataset.convert.src_dataset_type: must be set when convert.enable is True; use COCO")
-    if v["CheckDataset.split.enable"]:
-        train, val = v["CheckDataset.split.train_percent"], v["CheckDataset.split.val_percent"]
+    split = ("CheckDataset.split.enable", "CheckDataset.split.train_percent", "CheckDataset.split.val_percent")
+    if valid(*split) and v[split[0]]:
+        train, val = v[split[1]], v[split[2]]
         if train is None or val is None or train + val != 100:
             problems.append(
                 f"CheckDataset.split.train_percent + val_percent: {train} + {val} must be 100 when split.enable "
                 "is True, e.g. -o CheckDataset.split.train_percent=80 -o CheckDataset.split.val_percent=20"
             )
-    if v["Global.mode"] == "check_dataset" and check_paths:
+    if check_paths and valid("Global.mode", "Global.dataset_dir") and v["Global.mode"] == "check_dataset":
         root = v["Global.dataset_dir"]
         if root is None:
             problems.append("Global.dataset_dir: must be set for check_dataset (" + _PATH + ")")

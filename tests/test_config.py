@@ -9,6 +9,7 @@ import yaml
 
 from mlcls_ray.cli import main
 from mlcls_ray.config import SCHEMA, ConfigError, list_presets, load_config
+from mlcls_ray.data.synthetic import generate
 
 PRESETS = ["CLIP_vit_base_patch16_448_ML", "PP-HGNetV2-B0_ML", "PP-HGNetV2-B4_ML", "PP-HGNetV2-B6_ML",
            "PP-LCNet_x1_0_ML", "ResNet50_ML"]
@@ -106,7 +107,14 @@ def test_a_user_yaml_only_needs_what_it_changes(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("Global.mdoe=check_dataset", "Global.mdoe: unknown key; did you mean Global.mode"),
     ("Global.mode=trian", "Global.mode: 'trian' is not allowed; choose one of: check_dataset"),
-    ("Train.batch_size=eight", "Train.batch_size: 'eight' is not an integer"),
+    ("Train.batch_size=eight", "Train.batch_size: 'eight' is not a decimal integer"),
+    ("Train.epochs_iters=1:30", "Train.epochs_iters: '1:30' is not a decimal integer"),  # YAML 1.1: 90
+    ("Train.batch_size=0x10", "Train.batch_size: '0x10' is not a decimal integer"),
+    ("Train.batch_size=1_000", "Train.batch_size: '1_000' is not a decimal integer"),
+    ("Train.learning_rate=nan", "Train.learning_rate: 'nan' is not a finite decimal number"),
+    ("Train.learning_rate=inf", "Train.learning_rate: 'inf' is not a finite decimal number"),
+    ("Train.learning_rate=.inf", "Train.learning_rate: '.inf' is not a finite decimal number"),
+    ("Global.max_file_bytes=0", "Global.max_file_bytes: 0 is out of range"),
     ("Train.batch_size=0", "Train.batch_size: 0 is out of range"),
     ("Global.max_image_pixels=200000000", "Global.max_image_pixels: 200000000 is out of range"),
     ("CheckDataset.convert.enable=yes please", "CheckDataset.convert.enable: 'yes please' is not a boolean"),
@@ -141,17 +149,52 @@ def test_cli_config_error_is_one_line_exit_2_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "mlcls: config error: Train.batch_size: 'x' is not an integer (batch size per device)"]
+        "mlcls: config error: Train.batch_size: 'x' is not a decimal integer (batch size per device)",
+        "mlcls: config error: Global.dataset_dir: must be set for check_dataset (a local path or s3://bucket/prefix)"]
 
 
-def test_resolved_config_is_written_next_to_outputs(tmp_path, capsys):
-    # A missing dataset folder is caught by validation, so nothing runs and nothing is written...
-    assert main(["-c", "ResNet50_ML", "-o", f"Global.output={tmp_path}/out", "-o", "Global.dataset_dir=/nope"]) == 2
-    assert not (tmp_path / "out").exists()
-    # ...and the dump of a valid config loads back to the same values.
-    cfg = load_config("ResNet50_ML", [f"Global.dataset_dir={tmp_path}", "Train.batch_size=3"])
-    dumped = yaml.safe_load(cfg.to_yaml())
-    assert dumped["Train"]["batch_size"] == 3 and dumped["Global"]["model"] == "ResNet50_ML"
+def test_resolved_config_is_written_next_to_outputs(ray_start_2_cpus, tmp_path, capsys):
+    root = generate(tmp_path / "ds", 20, seed=0)
+    out = tmp_path / "out"
+    assert main(["-c", "ResNet50_ML", "-o", f"Global.dataset_dir={root}", "-o", f"Global.output={out}",
+                 "-o", "Train.batch_size=3", "-o", "CheckDataset.split.seed=010"]) == 0
+    dumped = yaml.safe_load((out / "config.yaml").read_text())
+    assert dumped["Train"]["batch_size"] == 3 and dumped["CheckDataset"]["split"]["seed"] == 10
+    assert dumped["Global"]["model"] == "ResNet50_ML" and dumped["Global"]["dataset_dir"] == str(root)
+    assert load_config(str(out / "config.yaml")).values == load_config(
+        "ResNet50_ML", [f"Global.dataset_dir={root}", f"Global.output={out}", "Train.batch_size=3",
+                        "CheckDataset.split.seed=10"]).values  # the dump loads back to the same config
+    assert "override Train.batch_size = 3" in capsys.readouterr().out
+    # a config that fails validation runs nothing and writes nothing
+    assert main(["-c", "ResNet50_ML", "-o", f"Global.output={tmp_path}/out2", "-o", "Global.dataset_dir=/nope"]) == 2
+    assert not (tmp_path / "out2").exists()
+
+
+def test_numbers_are_decimal_as_typed_on_the_command_line_and_in_files(tmp_path):
+    cfg = load_config("ResNet50_ML", [f"Global.dataset_dir={tmp_path}", "Train.batch_size=010"])
+    assert cfg["Train.batch_size"] == 10  # YAML 1.1 would read octal 8
+    path = tmp_path / "mine.yaml"
+    path.write_text(f"Global:\n  model: ResNet50_ML\n  dataset_dir: {tmp_path}\n  output: 0777\n"
+                    "Train:\n  batch_size: 010\n  learning_rate: 1e-4\n")
+    cfg = load_config(str(path))
+    assert cfg["Global.output"] == "0777" and cfg["Train.batch_size"] == 10 and cfg["Train.learning_rate"] == 1e-4
+    path.write_text(f"Global:\n  model: ResNet50_ML\n  dataset_dir: {tmp_path}\nTrain:\n  epochs_iters: 1:30\n"
+                    "  learning_rate: .nan\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert err.value.problems == [
+        "Train.epochs_iters: '1:30' is not a decimal integer (epochs)",
+        "Train.learning_rate: '.nan' is not a finite decimal number (AdamW learning rate)"]
+
+
+def test_a_bad_value_does_not_hide_a_cross_field_problem(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config("PP-LCNet_x1_0_ML", [f"Global.dataset_dir={tmp_path}", "Train.batch_size=-1",
+                                         "CheckDataset.split.enable=True", "CheckDataset.convert.enable=True"])
+    assert len(err.value.problems) == 3
+    assert err.value.problems[0].startswith("Train.batch_size: -1 is out of range")
+    assert "src_dataset_type: must be set when convert.enable is True" in err.value.problems[1]
+    assert "train_percent + val_percent: None + None must be 100" in err.value.problems[2]
 
 
 def test_readme_documents_every_key():
