@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 from mlcls_ray import storage
 from mlcls_ray.config import Config, ConfigError, list_presets, load_config
 
-__all__ = ["main"]
+__all__ = ["main", "root_cause"]
 
 
 def _check_dataset(cfg: Config) -> int:
@@ -33,6 +34,30 @@ def _init_ray() -> None:
         ray.init(logging_level=logging.WARNING)
     else:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.*)$", re.MULTILINE)
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: message`` of the error that started a failure, on one line.
+
+    A failure inside a Ray task reaches the driver wrapped in ``RayTaskError``, whose text is the remote traceback;
+    Ray Data's ``UserCodeException`` keeps the original only in that text. Both are unwrapped here.
+    """
+    ray_error = sys.modules.get("ray.exceptions")
+    if ray_error is not None:
+        while isinstance(exc, ray_error.RayTaskError) and isinstance(exc.cause, BaseException):
+            if isinstance(exc.cause, ray_error.RayError):  # the original exists only as traceback text
+                first = _ANSI.sub("", str(exc)).split("The above exception was the direct cause")[0]
+                found = _ERROR_LINE.findall(first)
+                if found:
+                    return f"{found[-1][0].rsplit('.', 1)[-1]}: {found[-1][1]}"
+                break
+            exc = exc.cause
+    message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return f"{type(exc).__name__}: {message}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("MLCLS_DEBUG"):
             raise
-        print(f"mlcls: {cfg['Global.mode']} failed: {type(exc).__name__}: {exc}\n"
+        print(f"mlcls: {cfg['Global.mode']} failed: {root_cause(exc)}\n"
               "(set MLCLS_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 1
 
