@@ -1,7 +1,7 @@
 """The check_dataset mode: convert, split, then validate every line and decode every image, and write the report.
 
-The dataset is only written to by conversion and split, which move the files they replace to numbered ``.bak``
-files first. Checking itself never modifies the dataset.
+The dataset is only written to by conversion and split, which replace the lists together and keep the old ones as
+numbered ``.bak`` files. Checking itself never modifies the dataset.
 """
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import sys
-from collections import Counter
-from collections.abc import Sequence
+import tempfile
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -22,29 +20,40 @@ from mlcls_ray.config import Config
 from mlcls_ray.data import report
 from mlcls_ray.data.convert import convert_coco
 from mlcls_ray.data.images import decode_image
-from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, ListEntry, read_dataset
-from mlcls_ray.data.pipeline import decode_check
-from mlcls_ray.data.problems import Problem, summarize
+from mlcls_ray.data.manifest import Manifest
+from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, drop_duplicates, read_dataset
+from mlcls_ray.data.pipeline import read_images
+from mlcls_ray.data.problems import Problem, ProblemLog
 from mlcls_ray.data.split import split_dataset
 
-__all__ = ["RESULT_FILE", "check_dataset", "run_check_dataset"]
+__all__ = ["ERRORS_FILE", "MAX_ERRORS_IN_RESULT", "RESULT_FILE", "check_dataset", "run_check_dataset"]
 
 RESULT_FILE = "check_dataset_result.json"
+ERRORS_FILE = "check_dataset/errors.jsonl"  # every problem, one JSON object a line, sorted by file and line
+MAX_ERRORS_IN_RESULT = 10_000  # the result JSON keeps the first ones; a bad 100M-image dataset stays readable
 NUM_DEMO_IMAGES = 10  # per split, as PaddleX
 _DEMO_SEED = 123  # PaddleX's
 
 
-def _demo_images(root: str, out_check: str, split: str, entries: list[ListEntry], names: list[str],
+def _demo_images(root: str, out_check: str, split: str, manifest: Manifest, rows: np.ndarray, names: list[str],
                  max_pixels: int) -> list[str]:
-    """Draw up to 10 good images of a split with their label names; return their paths relative to the output."""
-    chosen = list(entries)
-    random.Random(_DEMO_SEED).shuffle(chosen)
+    """Draw up to 10 good images of a split with their label names; return their paths relative to the output.
+
+    A demo image is an illustration: one that cannot be drawn is skipped with a note, never a failed check.
+    """
+    rng = np.random.default_rng(_DEMO_SEED)
+    chosen = rng.choice(rows, size=min(NUM_DEMO_IMAGES, len(rows)), replace=False) if len(rows) else rows
     paths = []
-    for i, e in enumerate(chosen[:NUM_DEMO_IMAGES]):
-        rgb = decode_image(storage.read_bytes(storage.join(root, e.path)), max_pixels)
-        label_names = [names[c] for c, v in enumerate(e.labels) if v]
-        name = f"{split}_{i:02d}_{PurePosixPath(e.path).stem}.jpg"
-        storage.write_bytes(storage.join(out_check, "demo_img", name), report.demo_image_jpeg(rgb, label_names))
+    for i, row in enumerate(chosen):
+        rel = manifest.paths[int(row)].as_py()
+        name = f"{split}_{i:02d}_{PurePosixPath(rel).stem}.jpg"
+        try:
+            rgb = decode_image(storage.read_bytes(storage.join(root, rel)), max_pixels)
+            label_names = [names[c] for c in np.flatnonzero(manifest.labels(slice(row, row + 1))[0])]
+            storage.write_bytes(storage.join(out_check, "demo_img", name), report.demo_image_jpeg(rgb, label_names))
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the check's verdict does not depend on it
+            print(f"note: no demo image for {rel} ({type(exc).__name__}: {exc})", file=sys.stderr)
+            continue
         paths.append(f"check_dataset/demo_img/{name}")
     return paths
 
@@ -57,69 +66,73 @@ def _label_file_ref(root: str, output: str) -> str:
     return os.path.relpath(storage.resolve(label_uri)[1], storage.resolve(storage.join(output, "check_dataset"))[1])
 
 
-def check_dataset(root: str, output: str, max_pixels: int,
-                  prior_problems: Sequence[Problem] = ()) -> tuple[dict, list[Problem]]:
+def _decode_all(manifest: Manifest, root: str, max_pixels: int, max_file_bytes: int,
+                problems: ProblemLog) -> tuple[np.ndarray, report.SizeStats]:
+    """Read and decode every image on Ray; returns ``[N]`` bool (decoded fine) and their size statistics."""
+    good = np.zeros(len(manifest), bool)
+    sizes = report.SizeStats()
+    if not len(manifest):
+        return good, sizes
+    ds = read_images(manifest, root, image="none", max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        ok = batch["error_kind"] == ""
+        good[batch["index"][ok]] = True
+        sizes.add(batch["width"][ok], batch["height"][ok])
+        bad = ~ok
+        for row, path, kind, reason in zip(batch["index"][bad], batch["path"][bad], batch["error_kind"][bad],
+                                           batch["error_reason"][bad]):
+            problems.append(Problem(kind, manifest.files[manifest.file[row]], int(manifest.line[row]), reason, path))
+    return good, sizes
+
+
+def check_dataset(root: str, output: str, max_pixels: int, max_file_bytes: int, problems: ProblemLog) -> dict:
     """Validate an MLClsDataset fully and write its report, plots and demo images under ``output``.
 
-    Returns the result (as written to ``<output>/check_dataset_result.json``) and the problems found.
+    Problems go to ``problems`` (which may already hold those of conversion and split). Returns the result, as
+    written to ``<output>/check_dataset_result.json``.
     """
     out_check = storage.join(output, "check_dataset")
-    names, entries, problems = read_dataset(root)
-    problems = list(prior_problems) + problems
+    names, manifest = read_dataset(root, problems)
+    manifest = drop_duplicates(manifest, problems)
+    good, sizes = _decode_all(manifest, root, max_pixels, max_file_bytes, problems)
 
-    widths, heights, good = [], [], np.zeros(len(entries), dtype=bool)
-    for batch in decode_check([e.path for e in entries], root, max_pixels):
-        for idx, kind, reason, w, h in zip(batch["index"], batch["kind"], batch["reason"], batch["width"],
-                                           batch["height"]):
-            if kind:
-                e = entries[idx]
-                problems.append(Problem(kind, e.file, e.line, reason, e.path))
-            else:
-                good[idx] = True
-                widths.append(w)
-                heights.append(h)
-
-    by_split = {s: [e for e in entries if e.file == f"{s}.txt"] for s in SPLITS}
-    good_by_split = {s: [e for i, e in enumerate(entries) if good[i] and e.file == f"{s}.txt"] for s in SPLITS}
+    splits = {s: manifest.rows_of(f"{s}.txt") for s in SPLITS}
     attributes = {
         "label_file": _label_file_ref(root, output),
         "num_classes": len(names) if names else 0,
-        **{f"{s}_samples": len(by_split[s]) for s in SPLITS},
+        **{f"{s}_samples": int(rows.sum()) for s, rows in splits.items()},
     }
     analysis: dict = {}
-    for s in SPLITS:
+    for s, rows in splits.items():
         attributes[f"{s}_sample_paths"] = (
-            _demo_images(root, out_check, s, good_by_split[s], names, max_pixels) if names else []
+            _demo_images(root, out_check, s, manifest, np.flatnonzero(rows & good), names, max_pixels)
+            if names else []
         )
     if names:
-        matrices = {s: np.array([e.labels for e in by_split[s]], dtype=np.uint8).reshape(-1, len(names))
-                    for s in SPLITS}
+        counts = {s: manifest.class_counts(rows) for s, rows in splits.items()}
         storage.write_bytes(storage.join(out_check, "histogram.png"),
-                            report.histogram_png(names, matrices["train"].sum(0), matrices["val"].sum(0)))
-        storage.write_bytes(storage.join(out_check, "cooccurrence.png"),
-                            report.cooccurrence_png(names, np.concatenate(list(matrices.values()))))
+                            report.histogram_png(names, counts["train"], counts["val"]))
+        storage.write_bytes(storage.join(out_check, "cooccurrence.png"), report.cooccurrence_png(names, manifest))
         analysis = {"histogram": "check_dataset/histogram.png", "cooccurrence": "check_dataset/cooccurrence.png",
-                    **report.label_stats(names, matrices)}
-    analysis["image_sizes"] = report.size_stats(np.array(widths, dtype=np.int64), np.array(heights, dtype=np.int64))
+                    **report.label_stats(names, manifest, splits)}
+    analysis["image_sizes"] = sizes.summary()
+    return _write_result(root, output, problems, attributes, analysis)
 
-    return _write_result(root, output, problems, attributes, analysis), problems
 
-
-def _write_result(root: str, output: str, problems: list[Problem], attributes: dict, analysis: dict) -> dict:
-    """Write ``check_dataset_result.json`` (PaddleX's fields, plus ``error_counts`` and ``errors``), last of all."""
-    file_order = {LABEL_FILE: 0, "train.txt": 1, "val.txt": 2}
-    problems.sort(key=lambda p: (file_order.get(p.file, -1), p.file, p.line or 0, p.kind))
-    counts = Counter(p.kind for p in problems)
+def _write_result(root: str, output: str, problems: ProblemLog, attributes: dict, analysis: dict) -> dict:
+    """Write the errors file, then ``check_dataset_result.json`` (PaddleX's fields, plus the error summary)."""
+    first = problems.write_jsonl(storage.join(output, ERRORS_FILE), head=MAX_ERRORS_IN_RESULT)
     result = {
         "done_flag": True,
-        "check_pass": not problems,
+        "check_pass": not len(problems),
         "dataset_path": root,
         "show_type": "image",
         "dataset_type": "MLClsDataset",
         "attributes": attributes,
         "analysis": analysis,
-        "error_counts": dict(counts.most_common()),
-        "errors": [p.to_dict() for p in problems],
+        "error_counts": dict(problems.counts.most_common()),
+        "errors_file": ERRORS_FILE,
+        "errors": first,
     }
     storage.write_text(storage.join(output, RESULT_FILE), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
@@ -128,40 +141,43 @@ def _write_result(root: str, output: str, problems: list[Problem], attributes: d
 def run_check_dataset(cfg: Config) -> int:
     """``Global.mode=check_dataset``: optional COCO conversion and split, then the full check. Returns the exit code."""
     root, output = cfg["Global.dataset_dir"].rstrip("/"), cfg["Global.output"]
-    try:
-        return _run(cfg, root, output)
-    except Exception as exc:
-        # PaddleX's failure record, so tools that poll the result file see the run ended
-        failure = {"done_flag": False, "err_type": type(exc).__name__, "err_msg": str(exc)}
-        with contextlib.suppress(storage.StorageError):
-            storage.write_text(storage.join(output, RESULT_FILE), json.dumps(failure, indent=2) + "\n")
-        raise
+    with ProblemLog() as problems:
+        try:
+            return _run(cfg, root, output, problems)
+        except Exception as exc:
+            # PaddleX's failure record, so tools that poll the result file see the run ended
+            failure = {"done_flag": False, "err_type": type(exc).__name__, "err_msg": str(exc)}
+            with contextlib.suppress(storage.StorageError):
+                storage.write_text(storage.join(output, RESULT_FILE), json.dumps(failure, indent=2) + "\n")
+            raise
 
 
-def _run(cfg: Config, root: str, output: str) -> int:
-    max_pixels = cfg["Global.max_image_pixels"]
-    prior: list[Problem] = []
-    if cfg["CheckDataset.convert.enable"]:
-        prior, converted = convert_coco(root)
-        if not converted:
-            return _finish(_write_result(root, output, prior, {}, {}), prior, output)
-        print(f"converted COCO annotations in {root} to MLClsDataset lists")
-    if cfg["CheckDataset.split.enable"]:
-        split_problems = split_dataset(root, cfg["CheckDataset.split.train_percent"],
-                                       cfg["CheckDataset.split.val_percent"], cfg["CheckDataset.split.seed"])
-        prior += split_problems
-        if not split_problems:
-            print(f"re-split {root} with iterative stratification (seed {cfg['CheckDataset.split.seed']})")
-    return _finish(*check_dataset(root, output, max_pixels, prior), output)
+def _run(cfg: Config, root: str, output: str, problems: ProblemLog) -> int:
+    convert, split = cfg["CheckDataset.convert.enable"], cfg["CheckDataset.split.enable"]
+    with tempfile.TemporaryDirectory(prefix="mlcls-convert-") as scratch:
+        source = root
+        if convert:
+            # converted lists that are about to be split go to a scratch folder first, so the dataset gets one
+            # replacement: a repeated convert + split then finds the same lists and rewrites nothing
+            source = scratch if split else root
+            if not convert_coco(root, problems, out=source):
+                return _finish(_write_result(root, output, problems, {}, {}), problems, output)
+            print(f"converted COCO annotations in {root} to MLClsDataset lists")
+        if split:
+            seed = cfg["CheckDataset.split.seed"]
+            if split_dataset(source, cfg["CheckDataset.split.train_percent"], seed, problems, out=root):
+                print(f"split {root} with iterative stratification (seed {seed}); lists it replaced are kept as .bak")
+    result = check_dataset(root, output, cfg["Global.max_image_pixels"], cfg["Global.max_file_bytes"], problems)
+    return _finish(result, problems, output)
 
 
-def _finish(result: dict, problems: list[Problem], output: str) -> int:
+def _finish(result: dict, problems: ProblemLog, output: str) -> int:
     report_uri = storage.join(output, RESULT_FILE)
     if result["check_pass"]:
         a = result["attributes"]
         print(f"Check dataset passed! {a['train_samples']:,} train and {a['val_samples']:,} val images, "
               f"{a['num_classes']} classes. Report: {report_uri}")
         return 0
-    print(f"Check dataset failed: {result['dataset_path']}\n{summarize(problems)}\n"
-          f"Full list: {report_uri}", file=sys.stderr)
+    print(f"Check dataset failed: {result['dataset_path']}\n{problems.summary()}\n"
+          f"Report: {report_uri}\nEvery problem: {storage.join(output, ERRORS_FILE)}", file=sys.stderr)
     return 1

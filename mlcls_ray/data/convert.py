@@ -4,7 +4,12 @@ Class index = the category's position when categories are sorted by id, 0-based;
 index (PaddleX writes the raw COCO ids there, which breaks the check right after conversion on real COCO).
 ``iscrowd`` annotations count as positives: a crowd of people still means "person" is in the image, which is
 also how PaddleX and the ASL/ML-Decoder COCO loaders count them. Images with no annotations are kept as all-zero
-rows. The annotation JSONs are only read; the lists they replace are moved to numbered ``.bak`` files first.
+rows.
+
+Images are looked for where PaddleX puts them (``images/<file_name>``) and where COCO 2017 does
+(``images/train2017/<file_name>`` or ``train2017/<file_name>`` for ``annotations/instances_train2017.json``).
+The annotation JSONs are only read; ``label.txt``, ``train.txt`` and ``val.txt`` are replaced together, the old
+ones kept as numbered ``.bak`` files.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import json
 import re
 
 from mlcls_ray import storage
-from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, format_label_file, format_line
-from mlcls_ray.data.problems import Problem
+from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, format_label_file, format_line, unsafe_reason
+from mlcls_ray.data.problems import Problem, ProblemSink
 
 __all__ = ["convert_coco"]
 
 _ANNOTATIONS = "annotations"
+_IMAGES = "images"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _find_annotation(root: str, split: str, files: list[str]) -> tuple[str | None, Problem | None]:
@@ -36,11 +43,23 @@ def _find_annotation(root: str, split: str, files: list[str]) -> tuple[str | Non
                          f"not found, and several candidates exist: {', '.join(found)}; keep one")
 
 
+def _image_dirs(rel: str) -> list[str]:
+    """Folders that may hold the images of an annotation file: ``images/``, then COCO's ``images/train2017/``
+    and ``train2017/`` for ``instances_train2017.json``."""
+    name = rel.rsplit("/", 1)[-1][: -len(".json")]
+    subset = name.split("_", 1)[1]  # instance_train -> train; instances_train2017 -> train2017
+    return [_IMAGES, f"{_IMAGES}/{subset}", subset]
+
+
 def _load(root: str, rel: str) -> tuple[dict | None, Problem | None]:
     try:
-        data = json.loads(storage.read_text(storage.join(root, rel)))
+        data = json.loads(storage.read_bytes(storage.join(root, rel)))
     except json.JSONDecodeError as exc:
         return None, Problem("bad_annotations", rel, exc.lineno, f"not valid JSON: {exc.msg} (column {exc.colno})")
+    except UnicodeDecodeError as exc:
+        return None, Problem("bad_annotations", rel, None, f"not UTF-8 text (byte {exc.start:,})")
+    except RecursionError:
+        return None, Problem("bad_annotations", rel, None, "JSON nested too deeply to be COCO")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict)
                or not isinstance(data.get(k), list)]
     if missing:
@@ -48,12 +67,17 @@ def _load(root: str, rel: str) -> tuple[dict | None, Problem | None]:
     return data, None
 
 
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _categories(data: dict, rel: str) -> tuple[dict[int, str], list[Problem]]:
     cats: dict[int, str] = {}
     problems = []
-    for c in data["categories"]:
-        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
-            problems.append(Problem("bad_annotations", rel, None, f"category {c!r} needs an int id and a name"))
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not _is_id(c.get("id")) or not isinstance(c.get("name"), str):
+            problems.append(Problem("bad_annotations", rel, None,
+                                    f"categories[{i}] = {c!r:.200}: needs an integer id and a name"))
         elif c["id"] in cats:
             problems.append(Problem("bad_annotations", rel, None, f"category id {c['id']} appears twice"))
         else:
@@ -76,74 +100,99 @@ def _category_difference(a: dict[int, str], b: dict[int, str], rel_a: str, rel_b
                    f"train and val must have the same categories; {'; '.join(parts)}")
 
 
-def _list_lines(data: dict, rel: str, index: dict[int, int], on_disk: set[str]) -> tuple[list[str], list[Problem]]:
-    problems = []
-    images = {}
-    for img in data["images"]:
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-            problems.append(Problem("bad_annotations", rel, None, f"image entry {img!r} needs an id and a file_name"))
+def _images(data: dict, rel: str, problems: ProblemSink) -> dict[int, str]:
+    """Image id -> file_name, for every well-formed entry; the first entry of a repeated id wins."""
+    images: dict[int, str] = {}
+    first: dict[int, int] = {}
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
+            problems.append(Problem("bad_annotations", rel, None,
+                                    f"images[{i}] = {img!r:.200}: needs an integer id and a file_name"))
             continue
-        images[img["id"]] = img
+        name = img["file_name"]
+        reason = ("file_name has a tab, newline or other control character" if _CONTROL.search(name)
+                  else "empty file_name" if not name else unsafe_reason(name))
+        if reason:
+            problems.append(Problem("bad_annotations", rel, None, f"images[{i}] (id {img['id']}): {reason}",
+                                    repr(name)[1:-1]))
+        elif img["id"] in images:
+            problems.append(Problem("bad_annotations", rel, None,
+                                    f"images[{i}] repeats image id {img['id']} of images[{first[img['id']]}]; "
+                                    "left out", name))
+        else:
+            images[img["id"]], first[img["id"]] = name, i
+    return images
+
+
+def _list_lines(data: dict, rel: str, index: dict[int, int], on_disk: set[str], problems: ProblemSink) -> list[str]:
+    images = _images(data, rel, problems)
     labels = {image_id: [0] * len(index) for image_id in images}
-    for ann in data["annotations"]:
+    for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
-            problems.append(Problem("bad_annotations", rel, None, f"annotation {ann!r} is not an object"))
+            problems.append(Problem("bad_annotations", rel, None, f"annotations[{i}] = {ann!r:.200}: not an object"))
             continue
         image_id, cat = ann.get("image_id"), ann.get("category_id")
-        if image_id not in images:
+        if not _is_id(image_id) or image_id not in images:
             problems.append(Problem("bad_annotations", rel, None,
-                                    f"annotation {ann.get('id')!r} refers to image id {image_id!r}, not in 'images'"))
-        elif cat not in index:
+                                    f"annotations[{i}] (id {ann.get('id')!r:.50}) refers to image id "
+                                    f"{image_id!r:.50}, not in 'images'"))
+        elif not _is_id(cat) or cat not in index:
             problems.append(Problem("bad_annotations", rel, None,
-                                    f"annotation {ann.get('id')!r} has category_id {cat!r}, not in 'categories'"))
+                                    f"annotations[{i}] (id {ann.get('id')!r:.50}) has category_id {cat!r:.50}, "
+                                    "not in 'categories'"))
         else:
             labels[image_id][index[cat]] = 1
+    dirs = _image_dirs(rel)
     lines = []
-    for image_id in sorted(images, key=lambda i: (isinstance(i, str), i)):
-        path = f"images/{images[image_id]['file_name']}"
-        if images[image_id]["file_name"] not in on_disk:
+    for image_id in sorted(images):
+        name = images[image_id]
+        path = next((p for p in (f"{d}/{name}" for d in dirs) if p in on_disk), None)
+        if path is None:
             problems.append(Problem("missing_image", rel, None,
-                                    f"image id {image_id!r} is in the annotations but not on disk; left out", path))
+                                    f"image id {image_id} is in the annotations but not in {', '.join(dirs)}/; "
+                                    "left out", name))
             continue
         lines.append(format_line(path, labels[image_id]))
-    return lines, problems
+    return lines
 
 
-def convert_coco(root: str) -> tuple[list[Problem], bool]:
+def _on_disk(root: str, dirs: set[str]) -> set[str]:
+    return {f"{d}/{f}" for d in sorted(dirs) for f in storage.list_files(storage.join(root, d))}
+
+
+def convert_coco(root: str, problems: ProblemSink, out: str | None = None) -> bool:
     """Write ``label.txt``, ``train.txt`` and ``val.txt`` from the COCO annotations under ``root/annotations``.
 
-    Returns (problems, converted). Nothing is written when the annotations cannot be used (missing, not JSON,
-    categories differing between train and val); images missing on disk are left out of the lists and reported.
+    The lists go to ``out`` (default ``root``); their paths are relative to ``root`` either way. Returns whether the
+    lists were written. Nothing is written when the annotations cannot be used (missing, not
+    JSON, categories differing between train and val); bad entries and images missing on disk are reported and
+    left out of the lists.
     """
     files = storage.list_files(storage.join(root, _ANNOTATIONS))
     found = {s: _find_annotation(root, s, files) for s in SPLITS}
-    problems = [p for _, p in found.values() if p]
-    if problems:
-        return problems, False
-    loaded = {s: _load(root, found[s][0]) for s in SPLITS}
-    problems = [p for _, p in loaded.values() if p]
-    if problems:
-        return problems, False
-    cats = {}
-    for s in SPLITS:
-        cats[s], cat_problems = _categories(loaded[s][0], found[s][0])
-        problems += cat_problems
-    mismatch = _category_difference(cats["train"], cats["val"], found["train"][0], found["val"][0])
-    if mismatch:
-        problems.append(mismatch)
-    if problems:
-        return problems, False
+    loaded = {s: _load(root, rel) for s, (rel, _) in found.items() if rel}
+    fatal = [p for _, p in found.values() if p] + [p for _, p in loaded.values() if p]
+    if not fatal:
+        cats = {}
+        for s in SPLITS:
+            cats[s], cat_problems = _categories(loaded[s][0], found[s][0])
+            fatal += cat_problems
+        mismatch = _category_difference(cats["train"], cats["val"], found["train"][0], found["val"][0])
+        fatal += [mismatch] if mismatch else []
+    for p in fatal:
+        problems.append(p)
+    if fatal:
+        return False
 
     ids = sorted(cats["train"])
     index = {cat_id: i for i, cat_id in enumerate(ids)}
-    on_disk = set(storage.list_files(storage.join(root, "images")))
+    on_disk = _on_disk(root, {d for rel, _ in found.values() for d in _image_dirs(rel)})
     outputs = {LABEL_FILE: format_label_file([cats["train"][i] for i in ids])}
     for s in SPLITS:
-        lines, list_problems = _list_lines(loaded[s][0], found[s][0], index, on_disk)
+        lines = _list_lines(loaded[s][0], found[s][0], index, on_disk, problems)
         outputs[f"{s}.txt"] = "".join(line + "\n" for line in lines)
-        problems += list_problems
-    for name, text in outputs.items():
-        uri = storage.join(root, name)
-        storage.backup(uri)
-        storage.write_text(uri, text)
-    return problems, True
+    targets = {storage.join(out or root, name): text for name, text in outputs.items()}
+    with storage.replacing(list(targets)) as staged:
+        for target, text in targets.items():
+            storage.write_text(staged[target], text)
+    return True

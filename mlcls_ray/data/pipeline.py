@@ -1,73 +1,146 @@
-"""Ray Data pipelines over dataset manifests: rows of image paths in, per-image results out, streamed."""
+"""The one image Dataset: manifest rows in; decoded images, labels and error columns out, streamed by Ray Data.
+
+Every mode reads images through :func:`read_images`. The check keeps the error columns and the sizes and drops the
+pixels; training maps its transforms over the pixels (Ray fuses the maps, so raw pixels never enter the object
+store); evaluation and labeling feed batches to an actor pool.
+
+Resources are honest: each task reserves one CPU and decodes on one thread. Other threads only wait on storage
+(a bounded read-ahead), so a Ray Train job sharing the cluster gets the CPUs it was promised. A bad file never fails
+the job; it becomes a row with ``error_kind`` and ``error_reason``.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 import pyarrow.fs as pafs
 import ray
 
 from mlcls_ray import storage
-from mlcls_ray.data.images import ImageDecodeError, decode_image
+from mlcls_ray.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from mlcls_ray.data.manifest import Manifest
 
-__all__ = ["decode_check"]
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "read_images"]
 
-_IO_THREADS = 8  # per task: overlaps S3 round trips, and Pillow releases the GIL while it decodes
+DEFAULT_MAX_FILE_BYTES = 256 << 20  # a larger file is refused by its size, before a byte is read
+_READ_AHEAD = 8  # files being fetched while one decodes: hides S3 latency; bounds the bytes held per task
+_BLOCKS_PER_CPU = 4  # enough blocks to balance load...
+_MIN_ROWS, _MAX_ROWS = 32, 10_000  # ...yet 100M images plan 10,000 blocks, not millions
+_EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
 
 
-def _check_one(fs: pafs.FileSystem, root: str, real_root: str | None, rel: str, max_pixels: int) -> tuple:
-    """-> (kind, reason, width, height); kind is "" for a good image."""
+@functools.cache
+def _io_pool() -> ThreadPoolExecutor:
+    """One pool of storage threads per worker process, shared by the tasks it runs."""
+    return ThreadPoolExecutor(_READ_AHEAD, thread_name_prefix="mlcls-read")
+
+
+def _read_ahead(fn: Callable, items: Iterable) -> Iterator:
+    """``map(fn, items)`` in order, with up to ``_READ_AHEAD`` calls running ahead on the I/O threads."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(_io_pool().submit(fn, item))
+        if len(pending) >= _READ_AHEAD:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _read(fs: pafs.FileSystem, root: str, real_root: str | None, max_file_bytes: int, rel: str
+          ) -> tuple[bytes | None, str, str]:
+    """-> (data, error kind, reason); the kind is "" when the file was read."""
     full = f"{root}/{rel}"
     if real_root is not None and not os.path.realpath(full).startswith(real_root + os.sep):
-        return "unsafe_path", "a symlink resolves outside the dataset root", 0, 0
+        return None, "unsafe_path", "a symlink resolves outside the dataset root"
     try:
-        with fs.open_input_stream(full) as f:
-            data = f.read()
+        with fs.open_input_file(full) as f:
+            size = f.size()
+            if size > max_file_bytes:
+                return None, "file_too_large", (f"{size:,} bytes, over the limit of {max_file_bytes:,} "
+                                                "(raise Global.max_file_bytes)")
+            return f.read(), "", ""
     except FileNotFoundError:
-        return "missing_image", "image file not found", 0, 0
+        return None, "missing_image", "image file not found"
     except OSError as exc:  # a folder where the image should be, permissions, a storage error
-        return "unreadable_file", f"cannot read ({exc})", 0, 0
-    try:
-        height, width = decode_image(data, max_pixels).shape[:2]
-    except ImageDecodeError as exc:
-        return exc.kind, exc.reason, 0, 0
-    return "", "", width, height
+        return None, "unreadable_file", f"cannot read ({exc})"
 
 
-def _check_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, root: str, max_pixels: int) -> dict:
+def _read_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, root: str, image: str, num_classes: int,
+                max_pixels: int, max_file_bytes: int) -> dict[str, np.ndarray]:
+    n = len(batch["index"])
     real_root = os.path.realpath(root) if isinstance(fs, pafs.LocalFileSystem) else None
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        results = list(pool.map(lambda rel: _check_one(fs, root, real_root, rel, max_pixels), batch["path"]))
-    kinds, reasons, widths, heights = zip(*results) if results else ((), (), (), ())
-    return {
+    images = np.empty(n, dtype=object)
+    kinds, reasons = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
+    sizes = np.zeros((n, 2), np.int32)  # [n, (height, width)]
+    read = functools.partial(_read, fs, root, real_root, max_file_bytes)
+    for i, (data, kind, reason) in enumerate(_read_ahead(read, batch["path"])):
+        images[i] = _EMPTY_IMAGE if image == "rgb" else b""
+        if kind:
+            kinds[i], reasons[i] = kind, reason
+        elif image == "bytes":
+            images[i] = data
+        else:
+            try:
+                rgb = decode_image(data, max_pixels)
+            except ImageDecodeError as exc:
+                kinds[i], reasons[i] = exc.kind, exc.reason
+                continue
+            sizes[i] = rgb.shape[:2]
+            if image == "rgb":
+                images[i] = rgb
+    packed = np.frombuffer(b"".join(batch["labels"]), np.uint8).reshape(n, -1)
+    out = {
         "index": batch["index"],
-        "kind": np.array(kinds, dtype=object),
-        "reason": np.array(reasons, dtype=object),
-        "width": np.array(widths, dtype=np.int32),
-        "height": np.array(heights, dtype=np.int32),
+        "path": batch["path"],
+        "labels": np.unpackbits(packed, axis=1, count=num_classes),  # [n, C] uint8
+        "height": sizes[:, 0],
+        "width": sizes[:, 1],
+        "error_kind": kinds,
+        "error_reason": reasons,
     }
+    if image != "none":
+        out["image"] = images
+    return out
 
 
-def decode_check(paths: list[str], root: str, max_pixels: int, rows_per_task: int = 64) -> Iterator[dict]:
-    """Read and fully decode every image below ``root`` in parallel, streaming.
+def _rows_per_block(rows: int) -> int:
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return min(_MAX_ROWS, max(_MIN_ROWS, math.ceil(rows / (cpus * _BLOCKS_PER_CPU))))
 
-    Yields numpy batches with ``index`` (position in ``paths``), ``kind``/``reason`` (empty for a good image),
-    ``width`` and ``height``. Pixels never leave the tasks, so memory is bounded by the blocks in flight, not by
-    the size of the dataset.
+
+def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes", "none"] = "rgb",
+                max_pixels: int = DEFAULT_MAX_PIXELS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                batch_size: int = 16) -> ray.data.Dataset:
+    """Stream every image of a manifest through the one decoder, as a Ray Dataset.
+
+    Args:
+        manifest: the rows to read.
+        root: the dataset root the manifest's paths are relative to (local or ``s3://``).
+        image: ``"rgb"`` for decoded ``[H, W, 3]`` uint8 pixels, ``"bytes"`` for the file's bytes (the consumer
+            decodes), ``"none"`` to decode and keep only the sizes (the check).
+        max_pixels: images with more pixels are refused before decoding.
+        max_file_bytes: files larger than this are refused before reading.
+        batch_size: images decoded per batch; it bounds a task's memory (batch x decoded image size).
+
+    Returns:
+        A dataset with one row per manifest row: ``index`` (the manifest row), ``path``, ``labels`` (``[C]``
+        uint8), ``height`` and ``width`` (0 unless decoded), ``error_kind`` and ``error_reason`` ("" for a good
+        image), and ``image`` unless ``image="none"`` (empty for a bad one). Rows come in no particular order.
     """
-    if not paths:
-        return
     fs, fs_root = storage.resolve(root)
-    items = [{"index": i, "path": p} for i, p in enumerate(paths)]
-    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / rows_per_task))
-    ds = ds.map_batches(
-        _check_batch,
-        fn_kwargs={"fs": fs, "root": fs_root.rstrip("/"), "max_pixels": max_pixels},
-        batch_size=rows_per_task,
+    blocks = manifest.to_blocks(_rows_per_block(len(manifest)))
+    return ray.data.from_arrow(blocks).map_batches(
+        _read_batch,
+        fn_kwargs={"fs": fs, "root": fs_root.rstrip("/"), "image": image, "num_classes": manifest.num_classes,
+                   "max_pixels": max_pixels, "max_file_bytes": max_file_bytes},
+        batch_size=batch_size,
         batch_format="numpy",
+        num_cpus=1,
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")

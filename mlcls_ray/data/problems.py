@@ -1,11 +1,30 @@
-"""Problem records (file, line, reason) that the dataset tools collect, and their readable summary."""
+"""Problem records (file, line, reason) and the log that counts them, spools them to disk and writes them sorted.
+
+A bad dataset of 100M images can have 100M problems, so the log never holds them all: it keeps counts, the first
+few examples of each kind, and a bounded buffer that is sorted and spilled to a temporary file when full. Writing
+merges the spilled runs, so the full list comes out ordered by file and line with bounded memory.
+"""
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import json
+import os
+import pickle
+import shutil
+import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
-__all__ = ["Problem", "summarize"]
+from mlcls_ray import storage
+
+__all__ = ["Problem", "ProblemLog", "ProblemSink"]
+
+_FILE_RANK = {"label.txt": 0, "train.txt": 1, "val.txt": 2}  # anything else (annotations) comes first
+_FRAME = 10_000  # problems per pickle frame in a spilled run
 
 
 @dataclass(frozen=True)
@@ -26,14 +45,118 @@ class Problem:
         return f"{where}: {self.path + ': ' if self.path else ''}{self.reason}"
 
 
-def summarize(problems: list[Problem], examples: int = 3) -> str:
-    """A short human summary: a count per kind, most common first, each with a few examples."""
-    counts = Counter(p.kind for p in problems)
-    lines = [f"{len(problems)} problem(s) found:"]
-    for kind, n in counts.most_common():
-        lines.append(f"  {n:>7,}  {kind}")
-        shown = [p for p in problems if p.kind == kind][:examples]
-        lines.extend(f"             {p}" for p in shown)
-        if n > len(shown):
-            lines.append(f"             ... and {n - len(shown):,} more")
-    return "\n".join(lines)
+class ProblemSink(Protocol):
+    """Where parsers put the problems they find: a plain list, or a :class:`ProblemLog`."""
+
+    def append(self, problem: Problem) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
+def _key(problem: Problem, seq: int) -> tuple:
+    return _FILE_RANK.get(problem.file, -1), problem.file, problem.line or 0, problem.kind, seq
+
+
+def _read_run(path: str) -> Iterator[tuple[tuple, Problem]]:
+    with open(path, "rb") as f:
+        while True:
+            try:
+                yield from pickle.load(f)
+            except EOFError:
+                return
+
+
+class ProblemLog:
+    """Every problem of a run, counted by kind and file and kept in order of file and line.
+
+    Use it as a context manager so its spill files are removed.
+    """
+
+    def __init__(self, buffer_size: int = 200_000, examples: int = 3):
+        self.counts: Counter[str] = Counter()
+        self.where: Counter[tuple[str, str]] = Counter()  # (file, kind) -> count
+        self._buffer: list[tuple[tuple, Problem]] = []
+        self._buffer_size = buffer_size
+        self._examples = examples
+        self._first: dict[str, list[tuple[tuple, Problem]]] = {}  # kind -> its first problems by file and line
+        self._runs: list[str] = []
+        self._spill_dir: str | None = None
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def __enter__(self) -> ProblemLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._spill_dir:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir, self._runs = None, []
+
+    def append(self, problem: Problem) -> None:
+        key = _key(problem, self._seq)
+        self._seq += 1
+        self.counts[problem.kind] += 1
+        self.where[problem.file, problem.kind] += 1
+        first = self._first.setdefault(problem.kind, [])
+        if len(first) < self._examples or key < first[-1][0]:
+            bisect.insort(first, (key, problem), key=lambda e: e[0])
+            del first[self._examples:]
+        self._buffer.append((key, problem))
+        if len(self._buffer) >= self._buffer_size:
+            self._spill()
+
+    def extend(self, problems) -> None:
+        for p in problems:
+            self.append(p)
+
+    def _spill(self) -> None:
+        self._buffer.sort(key=lambda e: e[0])
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.mkdtemp(prefix="mlcls-problems-")
+        path = os.path.join(self._spill_dir, f"run{len(self._runs):05d}.pkl")
+        with open(path, "wb") as f:
+            for start in range(0, len(self._buffer), _FRAME):
+                pickle.dump(self._buffer[start:start + _FRAME], f, protocol=pickle.HIGHEST_PROTOCOL)
+        self._runs.append(path)
+        self._buffer = []
+
+    def sorted(self) -> Iterator[Problem]:
+        """Every problem, ordered by file (label.txt, train.txt, val.txt) and line."""
+        self._buffer.sort(key=lambda e: e[0])
+        runs = [_read_run(p) for p in self._runs] + [iter(self._buffer)]
+        for _, problem in heapq.merge(*runs, key=lambda e: e[0]):
+            yield problem
+
+    def examples(self, kind: str) -> list[Problem]:
+        """The first problems of a kind by file and line (at most ``examples``)."""
+        return [p for _, p in self._first.get(kind, [])]
+
+    def write_jsonl(self, uri: str, head: int) -> list[dict]:
+        """Stream every problem, sorted, to ``uri`` as JSON lines; return the first ``head`` of them as dicts."""
+        first: list[dict] = []
+        lines: list[str] = []
+        with storage.open_output(uri) as f:
+            for problem in self.sorted():
+                record = problem.to_dict()
+                if len(first) < head:
+                    first.append(record)
+                lines.append(json.dumps(record, ensure_ascii=False))
+                if len(lines) >= _FRAME:
+                    f.write(("\n".join(lines) + "\n").encode("utf-8"))
+                    lines = []
+            if lines:
+                f.write(("\n".join(lines) + "\n").encode("utf-8"))
+        return first
+
+    def summary(self) -> str:
+        """A short human summary: a count per kind, most common first, each with its first examples."""
+        lines = [f"{len(self):,} problem(s) found:"]
+        for kind, n in self.counts.most_common():
+            lines.append(f"  {n:>7,}  {kind}")
+            shown = self.examples(kind)
+            lines.extend(f"             {p}" for p in shown)
+            if n > len(shown):
+                lines.append(f"             ... and {n - len(shown):,} more")
+        return "\n".join(lines)

@@ -1,122 +1,164 @@
 """Re-split train/val with iterative stratification (Sechidis et al., 2011), seeded and reproducible.
 
-PaddleX shuffles the pooled lines without a seed and without stratification, so a rare class can land entirely
-in train. Here each class's positive rate in val stays close to the whole set's, and the same input and seed give
-byte-identical files. The replaced lists are moved to numbered ``.bak`` files; lines are kept verbatim.
+PaddleX shuffles the pooled lines without a seed and without stratification, so a rare class can land entirely in
+train and every run gives another split. Here:
+
+- each class's positive rate in val stays close to the whole set's ("no label" counts as one more class);
+- the sizes are PaddleX's: train gets ``round(N * train_percent / 100)`` (Python's round, half to even);
+- the partition depends only on the set of lines and the seed, never on their order in the files, so running the
+  same split again gives byte-identical lists (and then nothing is rewritten);
+- lines are copied verbatim, streamed, and both lists are replaced together (old or new, never a mix), the old
+  ones kept as numbered ``.bak`` files.
+
+The stratification works on the bit-packed label matrix one label at a time, in bulk: memory stays at a few bytes
+per image, with no dense or float copy of the matrix.
 """
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 
 from mlcls_ray import storage
-from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, read_dataset
-from mlcls_ray.data.problems import Problem
+from mlcls_ray.data.manifest import Manifest
+from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, copy_lines, drop_duplicates, read_dataset
+from mlcls_ray.data.problems import Problem, ProblemLog, ProblemSink
 
-__all__ = ["iterative_stratification", "split_dataset"]
-
-
-def _pick(values: np.ndarray, candidates: list[int], rng: random.Random) -> int:
-    """The candidate with the largest value; ties broken by the seeded generator."""
-    best = max(values[c] for c in candidates)
-    tied = [c for c in candidates if values[c] == best]
-    return tied[0] if len(tied) == 1 else rng.choice(tied)
+__all__ = ["iterative_stratification", "split_dataset", "split_sizes"]
 
 
-def iterative_stratification(labels: np.ndarray, ratios: tuple[float, ...], seed: int) -> np.ndarray:
-    """Assign each sample of a multi-label set to a subset so every label is spread by ``ratios``.
+def split_sizes(n: int, train_percent: int) -> tuple[int, int]:
+    """``(train, val)`` sizes as PaddleX computes them: ``round(n * train_percent / 100)``, the rest to val.
+
+    Integer arithmetic with Python's rounding rule (half to even), so no float error moves a size.
+    """
+    quotient, remainder = divmod(n * train_percent, 100)
+    train = quotient + (2 * remainder > 100 or (2 * remainder == 100 and quotient % 2 == 1))
+    return train, n - train
+
+
+def _column(packed: np.ndarray, label: int) -> np.ndarray:
+    """``[N]`` bool: which rows have one label, read from the packed bytes."""
+    return ((packed[:, label >> 3] >> (7 - (label & 7))) & 1).astype(bool)
+
+
+def _allocate(count: int, desire: np.ndarray, room: np.ndarray) -> np.ndarray:
+    """Share ``count`` samples between subsets in proportion to their desire for a label, largest remainders first,
+    never giving a subset more than the ``room`` it has left: that keeps every subset's final size exact."""
+    weights = np.maximum(desire, 0)
+    share = count * weights / weights.sum() if weights.sum() > 0 else np.zeros_like(weights)
+    alloc = np.minimum(np.floor(share).astype(np.int64), room)
+    for k in np.lexsort((-room, -(share - alloc))):  # the rest where it was wanted most, within the room left
+        alloc[k] += min(count - alloc.sum(), room[k] - alloc[k])
+    return alloc
+
+
+def _held(packed: np.ndarray, num_classes: int, empty: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``[C+1]`` int64 positives of each label, "no label" last, among some rows."""
+    counts = np.zeros(num_classes + 1, np.int64)
+    step = max(1, (32 << 20) // max(num_classes, 1))
+    for start in range(0, len(rows), step):
+        chunk = rows[start:start + step]
+        counts[:-1] += np.unpackbits(packed[chunk], axis=1, count=num_classes).sum(axis=0, dtype=np.int64)
+        counts[-1] += int(empty[chunk].sum())
+    return counts
+
+
+def iterative_stratification(packed: np.ndarray, num_classes: int, sizes: tuple[int, ...], seed: int,
+                             rank: np.ndarray | None = None) -> np.ndarray:
+    """Assign each sample of a multi-label set to a subset of an exact size, spreading every label evenly.
+
+    The label with the fewest unassigned samples goes first; its samples are shared between the subsets in
+    proportion to how many of that label each still lacks, so rare labels are placed before common ones crowd them
+    out, and common labels, placed last, make up for what the rare ones moved. No subset is ever given more samples
+    than its size has room for, so the sizes come out exact.
 
     Args:
-        labels: ``[N, C]`` 0/1 matrix.
-        ratios: the subsets' shares, summing to 1.
+        packed: ``[N, ceil(C / 8)]`` labels as ``np.packbits(y, axis=1)``.
+        num_classes: C.
+        sizes: samples per subset, summing to N.
         seed: seeds the sample order and every tie-break.
+        rank: ``[N]`` each sample's position in a canonical order (e.g. sorted by path), so the result depends only
+            on the set of samples; default: row order.
 
     Returns:
-        ``[N]`` subset index per sample.
+        ``[N]`` int8 subset index per sample.
     """
-    rng = random.Random(seed)
-    y = labels.astype(bool)
-    y = np.concatenate([y, ~y.any(axis=1, keepdims=True)], axis=1)  # [N, C+1]: "no label" is stratified too
-    n, c = y.shape
-    subsets = list(range(len(ratios)))
-    want = np.array([r * n for r in ratios])  # [K] samples each subset still wants
-    want_label = np.outer(ratios, y.sum(axis=0)).astype(np.float64)  # [K, C+1] positives of each label still wanted
-    assigned = np.full(n, -1)
-    order = list(range(n))
-    rng.shuffle(order)
-    remaining = y.sum(axis=0)  # [C+1] unassigned samples per label
-    by_label = [[] for _ in range(c)]
-    for i in order:
-        for label in np.flatnonzero(y[i]):
-            by_label[label].append(i)
+    n, k = len(packed), len(sizes)
+    rng = np.random.default_rng(seed)
+    priority = rng.permutation(n)  # the seeded "shuffle", over canonical positions
+    if rank is not None:
+        priority = priority[rank]
+    empty = np.ones(n, bool)
+    for byte in range(packed.shape[1]):
+        empty &= packed[:, byte] == 0
+    everyone = np.arange(n)
+    totals = _held(packed, num_classes, empty, everyone)  # [C+1]
+    ratios = np.asarray(sizes, np.float64) / max(n, 1)
+    want_label = np.outer(ratios, totals)  # [K, C+1] positives each subset still lacks
+    room = np.asarray(sizes, np.int64)  # [K] samples each subset still lacks
+    remaining = totals.copy()
+    assigned = np.full(n, -1, np.int8)
     while remaining.any():
-        # the label with the fewest unassigned samples first: rare labels get placed before common ones crowd them
-        fewest = remaining[remaining > 0].min()
-        label = rng.choice([int(k) for k in np.flatnonzero(remaining == fewest)])
-        for i in by_label[label]:
-            if assigned[i] >= 0:
-                continue
-            best = max(want_label[k, label] for k in subsets)
-            tied = [k for k in subsets if want_label[k, label] == best]
-            j = _pick(want, tied, rng)
-            assigned[i] = j
-            own = y[i]
-            want_label[j, own] -= 1
-            want[j] -= 1
-            remaining[own] -= 1
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n)
-    _exact_sizes(y, assigned, np.asarray(ratios, dtype=np.float64), rank)
+        fewest = np.flatnonzero(remaining == remaining[remaining > 0].min())
+        label = int(fewest[0] if len(fewest) == 1 else rng.choice(fewest))
+        has = empty if label == num_classes else _column(packed, label)
+        rows = np.flatnonzero(has & (assigned < 0))
+        rows = rows[np.argsort(priority[rows], kind="stable")]
+        start = 0
+        for subset, count in enumerate(_allocate(len(rows), want_label[:, label], room)):
+            chosen = rows[start:start + count]
+            start += count
+            assigned[chosen] = subset
+            placed = _held(packed, num_classes, empty, chosen)
+            want_label[subset] -= placed
+            room[subset] -= count
+            remaining -= placed
     return assigned
 
 
-def _exact_sizes(y: np.ndarray, assigned: np.ndarray, ratios: np.ndarray, rank: np.ndarray) -> None:
-    """Move the least harmful samples from over-full subsets to under-full ones until the sizes are exact.
+def split_dataset(root: str, train_percent: int, seed: int, problems: ProblemSink, out: str | None = None) -> bool:
+    """Pool ``train.txt`` and ``val.txt`` and re-split them: ``train_percent`` to train, the rest to val.
 
-    Stratification lands a few samples off the requested sizes; PaddleX users expect ``round(N * pct / 100)``.
-    A sample's harm is how much moving it worsens the label balance, each label measured relative to its size.
+    Args:
+        root: the dataset whose lists are split.
+        train_percent: train's share; val gets the rest.
+        seed: the same lines and seed always give the same split.
+        problems: where the reason goes when the lists cannot be split.
+        out: where the split lists go (with a copy of ``label.txt``), in one replacement; default ``root``.
+
+    Returns:
+        Whether the lists were split; when not, the reason is a ``split_skipped`` problem and nothing is written.
+        Lists that already hold exactly this split are left as they are.
     """
-    n, k = len(assigned), len(ratios)
-    target = np.floor(ratios * n + 0.5).astype(np.int64)  # [K]
-    target[-1] = n - target[:-1].sum()
-    totals = y.sum(axis=0)  # [C+1]
-    share = ratios[:, None] * totals  # [K, C+1] positives each subset should hold
-    yf = y.astype(np.float64)
-    while True:
-        extra = np.bincount(assigned, minlength=k) - target  # [K]
-        if not extra.any():
-            return
-        donor, receiver = int(np.argmax(extra)), int(np.argmin(extra))
-        held = np.stack([yf[assigned == j].sum(axis=0) for j in range(k)])  # [K, C+1]
-        surplus = (held - share) / np.maximum(totals, 1)  # [K, C+1] relative excess of each label
-        gain = yf @ (surplus[donor] - surplus[receiver])  # [N] balance gained by moving each sample
-        candidates = np.flatnonzero(assigned == donor)
-        best = candidates[np.lexsort((rank[candidates], -gain[candidates]))]
-        move = max(1, min(extra[donor], -extra[receiver]) // 2)  # half at a time, re-scoring in between
-        assigned[best[:move]] = receiver
-
-
-def split_dataset(root: str, train_percent: int, val_percent: int, seed: int) -> list[Problem]:
-    """Pool ``train.txt`` and ``val.txt`` and re-split them by the given percentages.
-
-    Returns the problems that prevented the split (nothing is written then); an empty list means it was done.
-    """
-    names, entries, problems = read_dataset(root)
-    # pooling needs only one list with lines: a missing or empty train.txt or val.txt is what a split fixes
-    problems = [p for p in problems if not (p.file != LABEL_FILE and p.kind in ("missing_file", "empty_list"))]
-    if not entries and not problems:
-        return [Problem("split_skipped", "train.txt", None, "train.txt and val.txt list no images to split")]
-    if problems or names is None:
-        files = sorted({p.file for p in problems})
-        return [Problem("split_skipped", files[0], None,
-                        f"split skipped: fix the {len(problems)} problem(s) in {', '.join(files)} first")]
-
-    labels = np.array([e.labels for e in entries], dtype=np.uint8).reshape(-1, len(names))
-    assigned = iterative_stratification(labels, (train_percent / 100, val_percent / 100), seed)
-    for k, s in enumerate(SPLITS):
-        uri = storage.join(root, f"{s}.txt")
-        storage.backup(uri)
-        storage.write_text(uri, "".join(e.text + "\n" for e, a in zip(entries, assigned) if a == k))
-    return []
+    with ProblemLog() as found:
+        names, manifest = read_dataset(root, found)
+        order = manifest.path_order()
+        manifest = drop_duplicates(manifest, found, order)  # with a repeat the split stops below, order unused
+        # pooling needs only one list with lines: a missing or empty train.txt or val.txt is what a split fixes
+        blocking = {file: n for (file, kind), n in found.where.items()
+                    if file == LABEL_FILE or kind not in ("missing_file", "empty_list")}
+    if not len(manifest) and not blocking:
+        problems.append(Problem("split_skipped", "train.txt", None, "train.txt and val.txt list no images to split"))
+        return False
+    if blocking or names is None:
+        files = sorted(blocking)
+        problems.append(Problem("split_skipped", files[0], None,
+                                f"split skipped: fix the {sum(blocking.values())} problem(s) in {', '.join(files)} "
+                                "first"))
+        return False
+    sizes = split_sizes(len(manifest), train_percent)
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))  # each row's place in path order: the split never sees the files' order
+    assigned = iterative_stratification(manifest.packed, manifest.num_classes, sizes, seed, rank)
+    out = out or root
+    lists = [storage.join(out, f"{s}.txt") for s in SPLITS]
+    label = [storage.join(out, LABEL_FILE)] if out != root else []
+    with storage.replacing(lists + label) as staged:
+        if label:
+            storage.write_bytes(staged[label[0]], storage.read_bytes(storage.join(root, LABEL_FILE)))
+        with storage.open_output(staged[lists[0]]) as train, storage.open_output(staged[lists[1]]) as val:
+            for index, file in enumerate(manifest.files):
+                rows = manifest.file == index
+                if rows.any():
+                    copy_lines(storage.join(root, file), manifest.line[rows], assigned[rows], [train, val])
+    return True

@@ -103,14 +103,19 @@ def test_every_problem_is_reported_with_file_line_and_reason(ray_start_2_cpus, b
     # the human summary: counts by kind, examples, where the full list is; no traceback
     err = ours(capsys.readouterr().err, "Check dataset failed")
     assert "12 problem(s) found:" in err and "unsafe_path" in err and "train.txt:11" in err
-    assert err.rstrip().endswith("check_dataset_result.json") and "Traceback" not in err
+    assert err.rstrip().endswith("check_dataset/errors.jsonl") and "Traceback" not in err
+    # the full list, one JSON object a line, names every problem the result names
+    lines = (tmp_path / "out" / "check_dataset" / "errors.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == report["errors"]
+    assert report["errors_file"] == "check_dataset/errors.jsonl"
     # checking never touches the dataset
     assert tree_digest(broken) == before
 
 
 @pytest.mark.parametrize("label_txt, line, reason", [
     ("0 cat\n1 dog\n1 bird\n", 3, "class id 1 repeated (first at line 2)"),
-    ("1 cat\n3 dog\n90 bird\n", None, "ids must be exactly 0..N-1 with no gaps; missing 0, 2, 4"),  # PaddleX's COCO
+    ("1 cat\n3 dog\n90 bird\n", None, "out of range: 3 (line 2), 90 (line 3); missing 0, 2"),  # PaddleX's COCO
+    ("0 cat\n1 dog\n9999999999 bird\n", None, "out of range: 9999999999 (line 3); missing 2"),
 ])
 def test_a_bad_label_file_is_named_without_failing_every_line(ray_start_2_cpus, tmp_path, label_txt, line, reason):
     root = make_mlcls(tmp_path / "ds", NAMES, train=[("images/a.jpg", [1, 0, 0]), ("images/gone.jpg", [0, 1, 0])],
@@ -154,7 +159,7 @@ def test_report_has_paddlex_fields_and_the_extra_analysis(ray_start_2_cpus, tmp_
     a = report["attributes"]
     assert report["dataset_type"] == "MLClsDataset" and report["show_type"] == "image"
     assert a["num_classes"] == 8 and a["train_samples"] + a["val_samples"] == 120
-    assert (tmp_path / "out" / "check_dataset" / "label.txt").resolve() != (root / "label.txt")
+    assert not os.path.isabs(a["label_file"])  # relative to <output>/check_dataset, as PaddleX writes it
     assert (tmp_path / "out" / "check_dataset" / a["label_file"]).resolve() == (root / "label.txt").resolve()
     for p in a["train_sample_paths"] + a["val_sample_paths"]:
         assert Image.open(tmp_path / "out" / p).width >= 256  # upscaled so the label strip can be read
@@ -214,7 +219,7 @@ def test_convert_and_split_then_check_through_the_job_script(tmp_path):
     report = result(tmp_path / "out")
     assert report["attributes"]["train_samples"] + report["attributes"]["val_samples"] == 200
     assert report["attributes"]["val_samples"] == 50
-    assert (root / "train.txt.bak").exists()  # the lists written by conversion, kept when split replaced them
+    assert not (root / "train.txt.bak").exists()  # convert + split is one replacement, and nothing was there before
     assert (root / "label.txt").read_text().startswith("0 circle\n")
 
 
@@ -253,3 +258,73 @@ def test_a_folder_in_place_of_an_image_is_unreadable(ray_start_2_cpus, tmp_path)
     assert run_check(root, tmp_path / "out") == 1
     (error,) = result(tmp_path / "out")["errors"]
     assert (error["file"], error["line"], error["kind"]) == ("val.txt", 1, "unreadable_file")
+
+
+def test_a_file_over_the_size_cap_is_refused_before_it_is_read(ray_start_2_cpus, tmp_path):
+    root = make_mlcls(tmp_path / "ds", NAMES, train=[("images/a.jpg", [1, 0, 0])], val=[("images/b.jpg", [0, 0, 1])])
+    big = root / "images" / "b.jpg"
+    with open(big, "ab") as f:
+        f.truncate(5_000_000)  # a valid JPEG followed by 5 MB of padding; sparse, so nothing is really written
+    assert run_check(root, tmp_path / "out", "Global.max_file_bytes=1000000") == 1
+    (error,) = result(tmp_path / "out")["errors"]
+    assert (error["file"], error["line"], error["kind"]) == ("val.txt", 1, "file_too_large")
+    assert error["reason"] == "5,000,000 bytes, over the limit of 1,000,000 (raise Global.max_file_bytes)"
+
+
+def test_the_result_keeps_the_first_errors_and_the_errors_file_has_all(ray_start_2_cpus, tmp_path, monkeypatch):
+    from mlcls_ray.data import check
+
+    monkeypatch.setattr(check, "MAX_ERRORS_IN_RESULT", 3)
+    rows = [(f"images/{i}.jpg", [1, 0, 0]) for i in range(8)]
+    root = make_mlcls(tmp_path / "ds", NAMES, train=rows[:5], val=rows[5:], make_images=False)
+    write_image(root / "images" / "2.jpg")
+    assert run_check(root, tmp_path / "out") == 1
+    report = result(tmp_path / "out")
+    assert report["error_counts"] == {"missing_image": 7}
+    assert [(e["file"], e["line"]) for e in report["errors"]] == [("train.txt", 1), ("train.txt", 2), ("train.txt", 4)]
+    everything = [json.loads(line) for line in (tmp_path / "out" / report["errors_file"]).read_text().splitlines()]
+    assert [(e["file"], e["line"]) for e in everything] == [
+        ("train.txt", 1), ("train.txt", 2), ("train.txt", 4), ("train.txt", 5), ("val.txt", 1), ("val.txt", 2),
+        ("val.txt", 3)]
+
+
+def test_a_thin_tall_image_passes_and_gets_a_demo_image(ray_start_2_cpus, tmp_path):
+    root = make_mlcls(tmp_path / "ds", NAMES, train=[("images/a.jpg", [1, 0, 0])], val=[("images/b.jpg", [0, 1, 0])])
+    write_image(root / "images" / "a.jpg", size=(100, 26_000))
+    assert run_check(root, tmp_path / "out") == 0
+    (demo,) = result(tmp_path / "out")["attributes"]["train_sample_paths"]
+    assert max(Image.open(tmp_path / "out" / demo).size) < 65_535
+
+
+def test_convert_and_split_run_twice_change_nothing_the_second_time(ray_start_2_cpus, tmp_path):
+    root = generate(tmp_path / "demo", 150, seed=8)
+    for name in ("label.txt", "train.txt", "val.txt"):
+        (root / name).unlink()
+    args = ("CheckDataset.convert.enable=True", "CheckDataset.convert.src_dataset_type=COCO",
+            "CheckDataset.split.enable=True", "CheckDataset.split.train_percent=80", "CheckDataset.split.val_percent=20")
+    assert run_check(root, tmp_path / "out1", *args) == 0
+    first = tree_digest(root)
+    assert run_check(root, tmp_path / "out2", *args) == 0
+    assert tree_digest(root) == first  # no image moved between train and val, no backup piled up
+    assert len((root / "val.txt").read_text().splitlines()) == 30
+
+
+def test_a_failure_inside_a_ray_task_is_one_line(ray_start_2_cpus):
+    import ray
+
+    from mlcls_ray.cli import root_cause
+
+    @ray.remote
+    def task():
+        raise KeyError("no such class")
+
+    def udf(batch):
+        raise ValueError("bad pixels in block 3")
+
+    with pytest.raises(Exception) as direct:
+        ray.get(task.remote())
+    with pytest.raises(Exception) as data:
+        ray.data.range(4).map_batches(udf).take_all()
+    assert root_cause(direct.value) == "KeyError: 'no such class'"
+    assert root_cause(data.value) == "ValueError: bad pixels in block 3"
+    assert len(str(data.value).splitlines()) > 3  # what used to be printed as the "one line"

@@ -4,8 +4,13 @@ import json
 
 import pytest
 
-from mlcls_ray.data.convert import convert_coco
+from mlcls_ray.data.convert import convert_coco as _convert
 from tests.helpers import write_image
+
+
+def convert_coco(root):
+    problems = []
+    return problems, _convert(root, problems)
 
 CATS = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 5, "name": "airplane"}]
 
@@ -39,7 +44,7 @@ def test_ids_are_positions_by_sorted_category_id(dataset):
     assert (dataset / "val.txt").read_text() == "images/v1.jpg\t0,1,0\n"
     # the image that is in the annotations but not on disk is left out, and reported
     assert [(p.kind, p.file, p.path) for p in problems] == [
-        ("missing_image", "annotations/instance_train.json", "images/gone.jpg")]
+        ("missing_image", "annotations/instance_train.json", "gone.jpg")]
 
 
 def test_annotations_are_never_modified_and_old_lists_are_backed_up(dataset):
@@ -49,8 +54,8 @@ def test_annotations_are_never_modified_and_old_lists_are_backed_up(dataset):
     convert_coco(str(dataset))
     assert {p.name: p.read_bytes() for p in (dataset / "annotations").iterdir()} == before
     assert (dataset / "train.txt.bak").read_text() == "old train\n"
-    assert (dataset / "train.txt.bak.1").read_text().startswith("images/a.jpg\t")
-    assert (dataset / "label.txt.bak").exists() and (dataset / "val.txt.bak").exists()
+    assert not (dataset / "label.txt.bak").exists() and not (dataset / "val.txt.bak").exists()  # none existed
+    assert not (dataset / "train.txt.bak.1").exists()  # the second run wrote the same lists: nothing replaced
 
 
 def test_mismatched_categories_are_named_and_nothing_is_written(dataset):
@@ -95,5 +100,65 @@ def test_malformed_entries_are_reported_and_the_rest_converted(dataset):
     problems, converted = convert_coco(str(dataset))
     assert converted
     reasons = [p.reason for p in problems if p.kind == "bad_annotations"]
-    assert reasons == ["annotation 'not an object' is not an object",
-                       "annotation 99 has category_id 42, not in 'categories'"]
+    assert reasons == ["annotations[4] = 'not an object': not an object",
+                       "annotations[5] (id 99) has category_id 42, not in 'categories'"]
+
+
+def test_the_coco_2017_layout_finds_its_images(tmp_path):
+    """annotations/instances_train2017.json with bare file_names and the images in train2017/ or images/val2017/."""
+    root = tmp_path / "coco2017"
+    write_image(root / "train2017" / "000000000009.jpg")
+    write_image(root / "images" / "val2017" / "000000000139.jpg")
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_train2017.json").write_text(json.dumps(
+        coco([(9, "000000000009.jpg")], [(9, 1, 0)])))
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(
+        coco([(139, "000000000139.jpg")], [(139, 90, 0)])))
+    problems, converted = convert_coco(str(root))
+    assert converted and problems == []
+    assert (root / "train.txt").read_text() == "train2017/000000000009.jpg\t1,0,0\n"
+    assert (root / "val.txt").read_text() == "images/val2017/000000000139.jpg\t0,0,1\n"
+
+
+def test_a_repeated_image_id_is_a_problem_not_a_silent_overwrite(dataset):
+    train = json.loads((dataset / "annotations" / "instance_train.json").read_text())
+    train["images"].append({"id": 1, "file_name": "d.jpg"})  # a.jpg's id again
+    (dataset / "annotations" / "instance_train.json").write_text(json.dumps(train))
+    problems, converted = convert_coco(str(dataset))
+    assert converted
+    assert [p.reason for p in problems if p.kind == "bad_annotations"] == [
+        "images[4] repeats image id 1 of images[0]; left out"]
+    assert (dataset / "train.txt").read_text().splitlines()[0] == "images/a.jpg\t1,0,1"  # a.jpg keeps its labels
+
+
+@pytest.mark.parametrize("bad_id", [None, [1], "1", True, 1.5])
+def test_ids_that_are_not_integers_are_problems_not_crashes(dataset, bad_id):
+    train = json.loads((dataset / "annotations" / "instance_train.json").read_text())
+    train["images"].append({"id": bad_id, "file_name": "d.jpg"})
+    train["annotations"].append({"id": 50, "image_id": bad_id, "category_id": 1})
+    (dataset / "annotations" / "instance_train.json").write_text(json.dumps(train))
+    problems, converted = convert_coco(str(dataset))
+    assert converted
+    reasons = [p.reason for p in problems if p.kind == "bad_annotations"]
+    assert len(reasons) == 2
+    assert "images[4]" in reasons[0] and "needs an integer id and a file_name" in reasons[0]
+    assert "annotations[4] (id 50) refers to image id" in reasons[1]
+
+
+@pytest.mark.parametrize("name", ["a\tb.jpg", "a\nb.jpg", "/etc/passwd", "../x.jpg", ""])
+def test_a_file_name_that_would_break_a_list_line_is_a_problem(dataset, name):
+    train = json.loads((dataset / "annotations" / "instance_train.json").read_text())
+    train["images"].append({"id": 77, "file_name": name})
+    (dataset / "annotations" / "instance_train.json").write_text(json.dumps(train))
+    problems, converted = convert_coco(str(dataset))
+    assert converted
+    assert [p.reason.split(":")[0] for p in problems if p.kind == "bad_annotations"] == ["images[4] (id 77)"]
+    assert len((dataset / "train.txt").read_text().splitlines()) == 3  # a, b, c; never a cut or extra line
+
+
+def test_non_utf8_json_is_a_problem_not_a_crash(dataset):
+    (dataset / "annotations" / "instance_val.json").write_bytes(b'{"images": [], "name": "caf\xe9"}')
+    problems, converted = convert_coco(str(dataset))
+    assert not converted
+    assert [(p.kind, p.file, p.reason) for p in problems] == [
+        ("bad_annotations", "annotations/instance_val.json", "not UTF-8 text (byte 27)")]

@@ -1,0 +1,63 @@
+"""read_images: the one image Dataset, on a real local Ray, from local disk and from a real S3-compatible server."""
+
+import numpy as np
+import pytest
+
+from mlcls_ray.data.images import decode_image
+from mlcls_ray.data.mlcls_format import read_dataset
+from mlcls_ray.data.pipeline import _rows_per_block, read_images
+from tests.helpers import make_mlcls, upload_tree, write_image
+
+NAMES = ["cat", "dog", "bird"]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    rows = [(f"images/{i}.png", [i % 2, 1, 0]) for i in range(40)]
+    root = make_mlcls(tmp_path / "ds", NAMES, train=rows[:30], val=rows[30:], make_images=False)
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        write_image(root / f"images/{i}.png", size=(32 + i, 48), fmt="PNG", color=tuple(rng.integers(0, 255, 3)))
+    (root / "images" / "7.png").write_bytes(b"not a png")
+    (root / "images" / "12.png").unlink()
+    return root
+
+
+def rows_by_index(ds):
+    return {int(r["index"]): r for r in ds.take_all()}
+
+
+def test_every_row_carries_its_pixels_labels_or_error(ray_start_2_cpus, dataset):
+    _, manifest = read_dataset(str(dataset), [])
+    rows = rows_by_index(read_images(manifest, str(dataset), image="rgb"))
+    assert sorted(rows) == list(range(40))
+    for i, row in rows.items():
+        assert row["path"] == f"images/{i}.png"
+        assert row["labels"].tolist() == [i % 2, 1, 0]
+        if i in (7, 12):
+            assert row["image"].shape == (0, 0, 3) and row["height"] == 0
+            continue
+        assert row["error_kind"] == "" and (row["height"], row["width"]) == (48, 32 + i)
+        np.testing.assert_array_equal(row["image"], decode_image((dataset / f"images/{i}.png").read_bytes()))
+    assert (rows[7]["error_kind"], rows[12]["error_kind"]) == ("not_an_image", "missing_image")
+
+
+def test_bytes_mode_leaves_decoding_to_the_consumer(ray_start_2_cpus, dataset):
+    _, manifest = read_dataset(str(dataset), [])
+    rows = rows_by_index(read_images(manifest, str(dataset), image="bytes"))
+    assert rows[3]["image"] == (dataset / "images/3.png").read_bytes()
+    assert rows[7]["error_kind"] == "" and rows[12]["error_kind"] == "missing_image"
+
+
+def test_the_same_rows_come_from_s3(ray_start_2_cpus, dataset, s3_bucket):
+    upload_tree(dataset, f"{s3_bucket}/ds")
+    _, manifest = read_dataset(f"{s3_bucket}/ds", [])
+    local = rows_by_index(read_images(manifest, str(dataset), image="none"))
+    remote = rows_by_index(read_images(manifest, f"{s3_bucket}/ds", image="none"))
+    for i in range(40):
+        assert (local[i]["error_kind"], local[i]["width"]) == (remote[i]["error_kind"], remote[i]["width"])
+
+
+def test_100m_images_plan_thousands_of_blocks_not_millions(ray_start_2_cpus):
+    assert 100_000_000 / _rows_per_block(100_000_000) == 10_000
+    assert _rows_per_block(2_000) == 250  # 8 blocks over 2 CPUs: enough to balance the load
