@@ -27,6 +27,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) jobs/bench_check.py --memory 20000
+	$(PY) jobs/bench_manifest.py
 
 lock: $(VENV)/.installed
 	(echo "# Pins of everything that passed make test here. Regenerate with: make lock"; \
