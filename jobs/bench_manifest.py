@@ -4,10 +4,10 @@
     python jobs/bench_manifest.py --scale 1000000:80   # any LINES:CLASSES
 
 For each scale it writes ``label.txt``, ``train.txt`` and ``val.txt`` (80/20, Zipf-like class rates, 3% unlabelled
-images, paths in random order), then, in a fresh process so the peak belongs to this work alone: parses both lists into the columnar
-manifest, finds duplicates, computes the report's statistics (per-class counts per split, label cardinality, train/val
-drift, the co-occurrence of the 60 most frequent classes) and re-splits the lists 80/20 with iterative
-stratification, writing them. It prints the time of each step and the driver's peak RSS.
+images, paths in random order), then, in a fresh process so the peak belongs to this work alone: parses both lists
+into the columnar manifest, finds duplicates, computes the report's statistics (per-class counts per split, label
+cardinality, train/val drift, the co-occurrence of the 60 most frequent classes) and re-splits the lists 80/20 with
+iterative stratification, writing them. It prints the time of each step and the driver's peak RSS.
 
 The baseline is the per-line parser this project had before: one Python object per line, 1.1 KB at 80 classes
 (about 11 GB and 20 minutes for 10M lines, by the issue's measurement). ``--baseline N`` times it on the first N lines

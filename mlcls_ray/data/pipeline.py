@@ -81,20 +81,21 @@ def _read_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, root: str, im
     sizes = np.zeros((n, 2), np.int32)  # [n, (height, width)]
     read = functools.partial(_read, fs, root, real_root, max_file_bytes)
     for i, (data, kind, reason) in enumerate(_read_ahead(read, batch["path"])):
-        images[i] = _EMPTY_IMAGE if image == "rgb" else b""
+        images[i] = _EMPTY_IMAGE if image == "rgb" else b""  # what a bad row carries
         if kind:
             kinds[i], reasons[i] = kind, reason
-        elif image == "bytes":
+            continue
+        if image == "bytes":
             images[i] = data
-        else:
-            try:
-                rgb = decode_image(data, max_pixels)
-            except ImageDecodeError as exc:
-                kinds[i], reasons[i] = exc.kind, exc.reason
-                continue
-            sizes[i] = rgb.shape[:2]
-            if image == "rgb":
-                images[i] = rgb
+            continue
+        try:
+            rgb = decode_image(data, max_pixels)
+        except ImageDecodeError as exc:
+            kinds[i], reasons[i] = exc.kind, exc.reason
+            continue
+        sizes[i] = rgb.shape[:2]
+        if image == "rgb":
+            images[i] = rgb
     packed = np.frombuffer(b"".join(batch["labels"]), np.uint8).reshape(n, -1)
     out = {
         "index": batch["index"],

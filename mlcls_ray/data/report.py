@@ -148,6 +148,33 @@ def label_stats(names: list[str], manifest: Manifest, splits: dict[str, np.ndarr
     return stats
 
 
+class _Running:
+    """Exact min, max and mean of values folded in batch by batch, and a histogram for their median.
+
+    Values are binned at ``1 / scale`` and clipped to the last bin, so the median is exact to ``1 / scale`` for
+    values below ``bins / scale``.
+    """
+
+    def __init__(self, bins: int, scale: int = 1):
+        self.hist = np.zeros(bins, np.int64)
+        self.scale = scale
+        self.low, self.high, self.total, self.count = np.inf, -np.inf, 0.0, 0
+
+    def add(self, values: np.ndarray) -> None:
+        binned = np.clip(np.rint(values * self.scale).astype(np.int64), 0, len(self.hist) - 1)
+        self.hist += np.bincount(binned, minlength=len(self.hist))
+        self.low, self.high = min(self.low, values.min()), max(self.high, values.max())
+        self.total += float(values.sum())
+        self.count += len(values)
+
+    def median(self) -> float:
+        """The mean of the two middle values for an even count, as numpy's median."""
+        cumulative = np.cumsum(self.hist)
+        lower = int(np.searchsorted(cumulative, (self.count - 1) // 2, side="right"))
+        upper = int(np.searchsorted(cumulative, self.count // 2, side="right"))
+        return (lower + upper) / 2 / self.scale
+
+
 class SizeStats:
     """Width, height and aspect-ratio statistics of the decoded images (after EXIF rotation), in fixed memory.
 
@@ -155,49 +182,28 @@ class SizeStats:
     sides up to 65,535 pixels and to 0.001 for aspect ratios up to 100; min, max and mean are exact.
     """
 
-    _SIDE_BINS = 1 << 16
-    _ASPECT_BINS = 100_001  # thousandths, up to 100.0
-
     def __init__(self):
-        self.count = 0
+        self.width, self.height = _Running(1 << 16), _Running(1 << 16)
+        self.aspect = _Running(100_001, scale=1000)
         self.smaller_than_448 = 0
-        self.sides = {"width": np.zeros(self._SIDE_BINS, np.int64), "height": np.zeros(self._SIDE_BINS, np.int64)}
-        self.extremes = {"width": [np.inf, 0, 0], "height": [np.inf, 0, 0]}  # min, max, sum
-        self.aspect = np.zeros(self._ASPECT_BINS, np.int64)
-        self.aspect_range = [np.inf, 0.0]
 
     def add(self, widths: np.ndarray, heights: np.ndarray) -> None:
         if not len(widths):
             return
-        self.count += len(widths)
+        self.width.add(widths)
+        self.height.add(heights)
+        self.aspect.add(widths / np.maximum(heights, 1))
         self.smaller_than_448 += int(((widths < 448) | (heights < 448)).sum())
-        for name, values in (("width", widths), ("height", heights)):
-            self.sides[name] += np.bincount(np.minimum(values, self._SIDE_BINS - 1), minlength=self._SIDE_BINS)
-            low, high, total = self.extremes[name]
-            self.extremes[name] = [min(low, int(values.min())), max(high, int(values.max())), total + int(values.sum())]
-        aspect = widths / np.maximum(heights, 1)
-        self.aspect += np.bincount(np.minimum(np.rint(aspect * 1000).astype(np.int64), self._ASPECT_BINS - 1),
-                                   minlength=self._ASPECT_BINS)
-        self.aspect_range = [min(self.aspect_range[0], float(aspect.min())), max(self.aspect_range[1], float(aspect.max()))]
 
     def summary(self) -> dict:
-        if not self.count:
+        if not self.width.count:
             return {"count": 0}
-        out: dict = {"count": self.count}
-        for name, hist in self.sides.items():
-            low, high, total = self.extremes[name]
-            out[name] = {"min": low, "median": _median(hist, self.count), "mean": round(total / self.count, 2),
-                         "max": high}
-        out["aspect_ratio"] = {"min": round(self.aspect_range[0], 3),
-                               "median": round(_median(self.aspect, self.count) / 1000, 3),
-                               "max": round(self.aspect_range[1], 3)}
-        out["smaller_than_448"] = self.smaller_than_448
-        return out
-
-
-def _median(hist: np.ndarray, count: int) -> float:
-    """The median of the values a histogram counts (the mean of the two middle ones for an even count)."""
-    cumulative = np.cumsum(hist)
-    lower = int(np.searchsorted(cumulative, (count - 1) // 2, side="right"))
-    upper = int(np.searchsorted(cumulative, count // 2, side="right"))
-    return (lower + upper) / 2
+        sides = {name: {"min": int(r.low), "median": r.median(), "mean": round(r.total / r.count, 2),
+                        "max": int(r.high)} for name, r in (("width", self.width), ("height", self.height))}
+        return {
+            "count": self.width.count,
+            **sides,
+            "aspect_ratio": {"min": round(float(self.aspect.low), 3), "median": round(self.aspect.median(), 3),
+                             "max": round(float(self.aspect.high), 3)},
+            "smaller_than_448": self.smaller_than_448,
+        }

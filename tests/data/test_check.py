@@ -230,7 +230,8 @@ def test_unreadable_lists_are_problems_not_crashes(ray_start_2_cpus, tmp_path):
     (root / "val.txt").mkdir()
     assert run_check(root, tmp_path / "out") == 1
     errors = result(tmp_path / "out")["errors"]
-    assert [(e["file"], e["kind"]) for e in errors] == [("label.txt", "unreadable_file"), ("val.txt", "unreadable_file")]
+    assert [(e["file"], e["kind"]) for e in errors] == [("label.txt", "unreadable_file"),
+                                                        ("val.txt", "unreadable_file")]
     assert "not UTF-8 text" in errors[0]["reason"]
 
 
@@ -301,7 +302,8 @@ def test_convert_and_split_run_twice_change_nothing_the_second_time(ray_start_2_
     for name in ("label.txt", "train.txt", "val.txt"):
         (root / name).unlink()
     args = ("CheckDataset.convert.enable=True", "CheckDataset.convert.src_dataset_type=COCO",
-            "CheckDataset.split.enable=True", "CheckDataset.split.train_percent=80", "CheckDataset.split.val_percent=20")
+            "CheckDataset.split.enable=True", "CheckDataset.split.train_percent=80",
+            "CheckDataset.split.val_percent=20")
     assert run_check(root, tmp_path / "out1", *args) == 0
     first = tree_digest(root)
     assert run_check(root, tmp_path / "out2", *args) == 0

@@ -21,7 +21,8 @@ def one_problem(text, num_classes=3):
 
 
 def test_tab_and_space_separators_both_parse():
-    rows, problems = parse("images/a.jpg\t0,1,0\nimages/b.jpg 1,0,1\n\nimages/c d.jpg  0,0,0\nimages/./e.jpg\t1,1,1\r\n")
+    rows, problems = parse("images/a.jpg\t0,1,0\nimages/b.jpg 1,0,1\n\nimages/c d.jpg  0,0,0\n"
+                           "images/./e.jpg\t1,1,1\r\n")
     assert problems == []
     assert rows == [("images/a.jpg", 1, [0, 1, 0]), ("images/b.jpg", 2, [1, 0, 1]), ("images/c d.jpg", 4, [0, 0, 0]),
                     ("images/e.jpg", 5, [1, 1, 1])]
@@ -88,7 +89,8 @@ def test_all_problems_in_one_pass():
 
 def test_chunks_split_only_between_lines_and_number_lines_across_chunks(tmp_path):
     path = tmp_path / "train.txt"
-    path.write_bytes(b"\xef\xbb\xbf" + b"".join(b"images/%04d.jpg\t1,0\n" % i for i in range(500)) + b"images/end.jpg\t0,1")
+    lines = b"".join(b"images/%04d.jpg\t1,0\n" % i for i in range(500))
+    path.write_bytes(b"\xef\xbb\xbf" + lines + b"images/end.jpg\t0,1")
     problems, paths, lines = [], [], []
     for data, first in iter_lines(str(path), chunk_bytes=97):  # a chunk size that cuts lines everywhere
         p, n, _ = parse_list(data, "train.txt", 2, problems, first_line=first)
