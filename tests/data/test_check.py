@@ -330,3 +330,19 @@ def test_a_failure_inside_a_ray_task_is_one_line(ray_start_2_cpus):
     assert root_cause(direct.value) == "KeyError: 'no such class'"
     assert root_cause(data.value) == "ValueError: bad pixels in block 3"
     assert len(str(data.value).splitlines()) > 3  # what used to be printed as the "one line"
+
+
+def test_every_problem_is_reported_the_same_on_s3(ray_start_2_cpus, broken, s3_bucket, tmp_path):
+    (broken / "images" / "link.jpg").unlink()  # S3 has no symlinks: line 13 becomes a missing image on both sides
+    upload_tree(broken, f"{s3_bucket}/broken")
+    assert run_check(broken, tmp_path / "local", "Global.max_image_pixels=1000000") == 1
+    assert run_check(f"{s3_bucket}/broken", f"{s3_bucket}/out", "Global.max_image_pixels=1000000") == 1
+    local = result(tmp_path / "local")["errors"]
+    bucket = s3_bucket[len("s3://"):]
+    import boto3
+
+    remote = json.loads(boto3.client("s3").get_object(Bucket=bucket, Key="out/check_dataset_result.json")["Body"]
+                        .read())["errors"]
+    expected = [(f, line, kind) for f, line, kind, _ in EXPECTED[:-1]] + [("train.txt", 13, "missing_image")]
+    assert [(e["file"], e["line"], e["kind"]) for e in local] == expected
+    assert [(e["file"], e["line"], e["kind"]) for e in remote] == expected
