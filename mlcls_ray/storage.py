@@ -14,6 +14,7 @@ import functools
 import os
 import posixpath
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 from urllib.parse import urlparse
@@ -182,13 +183,20 @@ def open_output(uri: str) -> Iterator[BinaryIO]:
     """Write a file by streaming into it; readers see the old file or the whole new one, never half of it.
 
     Locally the bytes go to a temporary file in the same folder, which is flushed to disk (fsync) and then renamed
-    over the target. On S3 the object appears when the upload completes.
+    over the target. On S3 they go to a temporary key, copied over the target once complete: pyarrow completes an
+    upload even when the writer fails (apache/arrow#40502), so the partial object is deleted instead of published.
     """
     fs, path = resolve(uri)
     try:
         if not isinstance(fs, pafs.LocalFileSystem):
-            with fs.open_output_stream(path) as f:
-                yield f
+            tmp = f"{posixpath.dirname(path)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+            try:
+                with fs.open_output_stream(tmp) as f:
+                    yield f
+                fs.move(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    fs.delete_file(tmp)
             return
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)

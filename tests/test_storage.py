@@ -100,11 +100,11 @@ def test_streamed_output_appears_whole_or_not_at_all(root):
         for i in range(10):
             f.write(bytes([i]) * 100_000)
     assert storage.read_bytes(uri) == b"".join(bytes([i]) * 100_000 for i in range(10))
-    if not storage.is_remote(uri):
-        with pytest.raises(RuntimeError), storage.open_output(uri) as f:
-            f.write(b"partial")
-            raise RuntimeError("the writer failed half way")
-        assert storage.read_bytes(uri)[:100_000] == bytes(100_000)  # the old file, untouched
+    with pytest.raises(RuntimeError), storage.open_output(uri) as f:
+        f.write(b"partial")
+        raise RuntimeError("the writer failed half way")
+    assert storage.read_bytes(uri)[:100_000] == bytes(100_000)  # the old file, untouched
+    assert storage.list_files(root) == ["big.bin"]  # and no temporary file left behind
 
 
 def test_replacing_swaps_every_file_or_none(root, monkeypatch):

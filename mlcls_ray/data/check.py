@@ -167,8 +167,18 @@ def _run(cfg: Config, root: str, output: str, problems: ProblemLog) -> int:
             seed = cfg["CheckDataset.split.seed"]
             if split_dataset(source, cfg["CheckDataset.split.train_percent"], seed, problems, out=root):
                 print(f"split {root} with iterative stratification (seed {seed}); lists it replaced are kept as .bak")
+            elif source != root:
+                _install(source, root)  # keep the conversion, so the check below names what stopped the split
     result = check_dataset(root, output, cfg["Global.max_image_pixels"], cfg["Global.max_file_bytes"], problems)
     return _finish(result, problems, output)
+
+
+def _install(scratch: str, root: str) -> None:
+    """Move converted lists from a scratch folder into the dataset, as one replacement."""
+    names = [LABEL_FILE, *(f"{s}.txt" for s in SPLITS)]
+    with storage.replacing([storage.join(root, name) for name in names]) as staged:
+        for name in names:
+            storage.write_bytes(staged[storage.join(root, name)], storage.read_bytes(storage.join(scratch, name)))
 
 
 def _finish(result: dict, problems: ProblemLog, output: str) -> int:

@@ -78,6 +78,9 @@ def _categories(data: dict, rel: str) -> tuple[dict[int, str], list[Problem]]:
         if not isinstance(c, dict) or not _is_id(c.get("id")) or not isinstance(c.get("name"), str):
             problems.append(Problem("bad_annotations", rel, None,
                                     f"categories[{i}] = {c!r:.200}: needs an integer id and a name"))
+        elif _CONTROL.search(c["name"]) or not c["name"].strip():
+            problems.append(Problem("bad_annotations", rel, None,
+                                    f"categories[{i}] has name {c['name']!r:.200}: label.txt needs a one-line name"))
         elif c["id"] in cats:
             problems.append(Problem("bad_annotations", rel, None, f"category id {c['id']} appears twice"))
         else:
@@ -101,9 +104,10 @@ def _category_difference(a: dict[int, str], b: dict[int, str], rel_a: str, rel_b
 
 
 def _images(data: dict, rel: str, problems: ProblemSink) -> dict[int, str]:
-    """Image id -> file_name, for every well-formed entry; the first entry of a repeated id wins."""
+    """Image id -> file_name, for every well-formed entry; the first entry of a repeated id or file_name wins."""
     images: dict[int, str] = {}
     first: dict[int, int] = {}
+    first_name: dict[str, int] = {}
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
             problems.append(Problem("bad_annotations", rel, None,
@@ -119,8 +123,12 @@ def _images(data: dict, rel: str, problems: ProblemSink) -> dict[int, str]:
             problems.append(Problem("bad_annotations", rel, None,
                                     f"images[{i}] repeats image id {img['id']} of images[{first[img['id']]}]; "
                                     "left out", name))
+        elif name in first_name:
+            problems.append(Problem("bad_annotations", rel, None,
+                                    f"images[{i}] (id {img['id']}) repeats the file_name of images[{first_name[name]}]"
+                                    "; left out", name))
         else:
-            images[img["id"]], first[img["id"]] = name, i
+            images[img["id"]], first[img["id"]], first_name[name] = name, i, i
     return images
 
 

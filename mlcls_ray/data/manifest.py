@@ -76,8 +76,9 @@ class Manifest:
         return np.unpackbits(self.packed[rows], axis=1, count=self.num_classes)
 
     def chunk_rows(self) -> int:
-        """How many rows to unpack at a time so a dense chunk stays near 32 MB."""
-        return max(1, _CHUNK_BYTES // max(self.num_classes, 1))
+        """How many rows to unpack at a time so a dense chunk stays near 32 MB (and its column sums exact in
+        float32: at most 2^20 rows)."""
+        return min(1 << 20, max(1, _CHUNK_BYTES // max(self.num_classes, 1)))
 
     def iter_labels(self, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Dense ``[n, C]`` uint8 labels, chunk by chunk, of every row or of the rows a bool mask selects."""

@@ -41,11 +41,9 @@ SPLITS = ("train", "val")
 _WS = " \t\r\f\v"  # what a path or value may be padded with; other characters belong to it
 _CHUNK = 32 << 20  # bytes of a list parsed at a time
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-# "<path> <vector>" with spaces: the shortest path followed by something vector-shaped (comma-separated tokens, or a
-# lone 0/1 for one class), so "a b.jpg 0, 1" splits after "b.jpg" and "a b.jpg" alone has no label field.
-_SPACED = re.compile(r"^(?P<path>.*?[^ \t])[ \t]+(?P<vector>[^ \t,]*(?:[ \t]*,[ \t]*[^ \t,]*)+|[01])$")
+_BLANKS = re.compile(r"[ \t]+")
 # A path the bulk parser leaves to the per-line one: padded, absolute, with a scheme or NUL, or not normalised.
-_ODD_PATH = r"^[ \t\f\v]|[ \t\f\v]$|^[/\\]|^[A-Za-z]:[\\/]|://|\x00|(^|/)\.\.?(/|$)|//"
+_ODD_PATH = r"^[ \t\r\f\v]|[ \t\r\f\v]$|^[/\\]|^[A-Za-z]:[\\/]|://|\x00|(^|/)\.\.?(/|$)|//|/$"
 _LABEL_LINE = re.compile(r"(-?\d+)(?:[ \t]+(.*))?")
 
 
@@ -103,6 +101,8 @@ def unsafe_reason(path: str) -> str | None:
     norm = posixpath.normpath(path)
     if norm == ".." or norm.startswith("../"):
         return "path escapes the dataset root through '..'"
+    if norm == ".":
+        return "path names the dataset root itself, not an image"
     return None
 
 
@@ -119,6 +119,23 @@ def _parse_vector(field: str, num_classes: int, expected: str) -> tuple[tuple[in
     return tuple(int(t) for t in tokens), "", ""
 
 
+def _split_spaced(line: str) -> tuple[str, str] | None:
+    """``"<path> <vector>"`` separated by spaces, as PaddleX's docs show it; None without a vector.
+
+    The split is after the shortest path whose rest is vector-shaped (comma-separated tokens, spaces only around
+    commas, or a lone 0/1), so ``a b.jpg 0, 1`` splits after ``b.jpg``. Inside a vector spaces only pad commas, so
+    the split is at the last run of spaces not touching a comma, or, without one, at the first run that leaves a
+    comma or a lone 0/1 after it. One pass, no backtracking, whatever the line holds.
+    """
+    runs = list(_BLANKS.finditer(line))
+    free = [r for r in runs if line[r.start() - 1] != "," and line[r.end()] != ","]
+    last_comma = line.rfind(",")
+    for run in free[-1:] or runs:
+        if run.end() <= last_comma or (run.end() == len(line) - 1 and line[-1] in "01"):
+            return line[:run.start()], line[run.end():]
+    return None
+
+
 def _parse_line(line: str, lineno: int, file: str, num_classes: int, expected: str,
                 problems: ProblemSink) -> tuple[str, tuple[int, ...]] | None:
     """One line the bulk parser left: ``(normalised path, labels)``, or None (blank, or a problem recorded)."""
@@ -129,8 +146,7 @@ def _parse_line(line: str, lineno: int, file: str, num_classes: int, expected: s
         if len(fields) > 2 and not any(f.strip(_WS) for f in fields[2:]):
             fields = fields[:2]  # trailing tabs
     else:
-        match = _SPACED.match(line.strip(_WS))
-        fields = [match["path"], match["vector"]] if match else [line.strip(_WS)]
+        fields = list(_split_spaced(line.strip(_WS)) or [line.strip(_WS)])
     path = fields[0].strip(_WS)
     if len(fields) < 2 or not fields[1].strip(_WS):
         problems.append(Problem("no_label_field", file, lineno, "no label vector after the path", path or None))
@@ -180,6 +196,18 @@ def _gather(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.nda
     return a[_byte_mask(len(a), starts, ends)], offsets.astype(np.int32)
 
 
+def _not_utf8(strings: pa.StringArray) -> np.ndarray:
+    """``[n]`` bool: which strings are not valid UTF-8, found by halving, so one bad path costs a few checks."""
+    try:
+        strings.validate(full=True)
+        return np.zeros(len(strings), bool)
+    except pa.ArrowInvalid:
+        if len(strings) == 1:
+            return np.ones(1, bool)
+        half = len(strings) // 2
+        return np.concatenate([_not_utf8(strings.slice(0, half)), _not_utf8(strings.slice(half))])
+
+
 def parse_list(data: bytes, file: str, num_classes: int, problems: ProblemSink, *, first_line: int = 1,
                expected: str | None = None) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Parse whole lines of a list file (``<path>\\t<0/1,...>``; a run of spaces may stand for the tab).
@@ -213,11 +241,10 @@ def parse_list(data: bytes, file: str, num_classes: int, problems: ProblemSink, 
         rows, vectors = rows[good], vectors[good]
         paths_data, offsets = _gather(a, starts[rows], tab_at[rows])
         paths = pa.StringArray.from_buffers(len(rows), pa.py_buffer(offsets), pa.py_buffer(paths_data))
-        try:
-            paths.validate(full=True)  # UTF-8
-            plain = ~pc.match_substring_regex(paths, _ODD_PATH).to_numpy(zero_copy_only=False)
-        except pa.ArrowInvalid:
-            plain = np.zeros(len(rows), bool)  # some path is not UTF-8: let the per-line parser name it
+        utf8 = ~_not_utf8(paths)  # a path that is not UTF-8 goes to the per-line parser, which names it
+        if not utf8.all():
+            rows, vectors, paths = rows[utf8], vectors[utf8], paths.filter(pa.array(utf8))
+        plain = ~pc.match_substring_regex(paths, _ODD_PATH).to_numpy(zero_copy_only=False)
         rows, paths = rows[plain], paths.filter(pa.array(plain))
         packed = np.packbits(vectors[plain, ::2] - ord("0"), axis=1)
     else:
@@ -261,10 +288,10 @@ def iter_lines(uri: str, chunk_bytes: int = _CHUNK) -> Iterator[tuple[bytes, int
                 block = f.read(chunk_bytes)
             except OSError as exc:
                 raise storage.StorageError(f"{uri}: cannot read ({exc})") from exc
-            if first_line == 1 and not carry and block.startswith(b"\xef\xbb\xbf"):
-                block = block[3:]
             if not block:
                 break
+            if first_line == 1 and not carry and block.startswith(b"\xef\xbb\xbf"):
+                block = block[3:]
             block = carry + block
             cut = block.rfind(b"\n") + 1
             if cut == 0:
@@ -394,11 +421,13 @@ def drop_duplicates(manifest: Manifest, problems: ProblemSink, order: np.ndarray
     """
     first = manifest.first_occurrence(order)
     repeats = np.flatnonzero(first != np.arange(len(manifest)))
-    for row, path in zip(repeats, manifest.paths.take(pa.array(repeats)).to_pylist()):
-        original = first[row]
-        problems.append(Problem(
-            "duplicate_path", manifest.files[manifest.file[row]], int(manifest.line[row]),
-            f"duplicate of {manifest.files[manifest.file[original]]}:{manifest.line[original]}", path))
+    for start in range(0, len(repeats), 65_536):  # a slice of paths as Python strings at a time
+        chunk = repeats[start:start + 65_536]
+        for row, path in zip(chunk, manifest.paths.take(pa.array(chunk)).to_pylist()):
+            original = first[row]
+            problems.append(Problem(
+                "duplicate_path", manifest.files[manifest.file[row]], int(manifest.line[row]),
+                f"duplicate of {manifest.files[manifest.file[original]]}:{manifest.line[original]}", path))
     if not len(repeats):
         return manifest
     keep = np.ones(len(manifest), bool)

@@ -15,7 +15,7 @@ import pickle
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -24,7 +24,8 @@ from mlcls_ray import storage
 __all__ = ["Problem", "ProblemLog", "ProblemSink"]
 
 _FILE_RANK = {"label.txt": 0, "train.txt": 1, "val.txt": 2}  # anything else (annotations) comes first
-_FRAME = 10_000  # problems per pickle frame in a spilled run
+_FRAME = 1_000  # problems per pickle frame in a spilled run: what a merge holds of each run
+_FAN_IN = 64  # runs merged at once: bounds open files and memory whatever the number of problems
 
 
 @dataclass(frozen=True)
@@ -111,19 +112,33 @@ class ProblemLog:
         for p in problems:
             self.append(p)
 
-    def _spill(self) -> None:
-        self._buffer.sort(key=lambda e: e[0])
+    def _write_run(self, entries: Iterable[tuple[tuple, Problem]]) -> str:
         if self._spill_dir is None:
             self._spill_dir = tempfile.mkdtemp(prefix="mlcls-problems-")
-        path = os.path.join(self._spill_dir, f"run{len(self._runs):05d}.pkl")
-        with open(path, "wb") as f:
-            for start in range(0, len(self._buffer), _FRAME):
-                pickle.dump(self._buffer[start:start + _FRAME], f, protocol=pickle.HIGHEST_PROTOCOL)
-        self._runs.append(path)
+        fd, path = tempfile.mkstemp(dir=self._spill_dir, suffix=".pkl")
+        with os.fdopen(fd, "wb") as f:
+            frame = []
+            for entry in entries:
+                frame.append(entry)
+                if len(frame) == _FRAME:
+                    pickle.dump(frame, f, protocol=pickle.HIGHEST_PROTOCOL)
+                    frame = []
+            if frame:
+                pickle.dump(frame, f, protocol=pickle.HIGHEST_PROTOCOL)
+        return path
+
+    def _spill(self) -> None:
+        self._buffer.sort(key=lambda e: e[0])
+        self._runs.append(self._write_run(self._buffer))
         self._buffer = []
 
     def sorted(self) -> Iterator[Problem]:
         """Every problem, ordered by file (label.txt, train.txt, val.txt) and line."""
+        while len(self._runs) > _FAN_IN:  # merge in passes, _FAN_IN runs at a time
+            group, self._runs = self._runs[:_FAN_IN], self._runs[_FAN_IN:]
+            self._runs.append(self._write_run(heapq.merge(*map(_read_run, group), key=lambda e: e[0])))
+            for path in group:
+                os.remove(path)
         self._buffer.sort(key=lambda e: e[0])
         runs = [_read_run(p) for p in self._runs] + [iter(self._buffer)]
         for _, problem in heapq.merge(*runs, key=lambda e: e[0]):

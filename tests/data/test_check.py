@@ -346,3 +346,24 @@ def test_every_problem_is_reported_the_same_on_s3(ray_start_2_cpus, broken, s3_b
     expected = [(f, line, kind) for f, line, kind, _ in EXPECTED[:-1]] + [("train.txt", 13, "missing_image")]
     assert [(e["file"], e["line"], e["kind"]) for e in local] == expected
     assert [(e["file"], e["line"], e["kind"]) for e in remote] == expected
+
+
+def test_when_a_split_after_conversion_is_stopped_the_check_names_why(ray_start_2_cpus, tmp_path):
+    root = generate(tmp_path / "demo", 40, seed=9)
+    for name in ("label.txt", "train.txt", "val.txt"):
+        (root / name).unlink()
+    (root / "images" / "000001.jpg").write_bytes(b"broken")
+    for split in ("train", "val"):  # two categories with one name: label.txt will repeat it, which stops the split
+        ann = root / "annotations" / f"instance_{split}.json"
+        coco = json.loads(ann.read_text())
+        coco["categories"][1]["name"] = coco["categories"][0]["name"]
+        ann.write_text(json.dumps(coco))
+    assert run_check(root, tmp_path / "out", "CheckDataset.convert.enable=True",
+                     "CheckDataset.convert.src_dataset_type=COCO", "CheckDataset.split.enable=True",
+                     "CheckDataset.split.train_percent=80", "CheckDataset.split.val_percent=20") == 1
+    report = result(tmp_path / "out")
+    assert report["error_counts"] == {"label_ids": 1, "split_skipped": 1, "not_an_image": 1}
+    assert [(e["file"], e.get("line"), e["kind"]) for e in report["errors"][:2]] == [
+        ("label.txt", None, "split_skipped"), ("label.txt", 2, "label_ids")]
+    assert report["errors"][1]["reason"] == "class name 'circle' repeated (first at line 1)"
+    assert (root / "label.txt").read_text().startswith("0 circle\n1 circle\n")  # the conversion was kept

@@ -162,3 +162,19 @@ def test_non_utf8_json_is_a_problem_not_a_crash(dataset):
     assert not converted
     assert [(p.kind, p.file, p.reason) for p in problems] == [
         ("bad_annotations", "annotations/instance_val.json", "not UTF-8 text (byte 27)")]
+
+
+def test_two_image_ids_for_one_file_and_a_multi_line_category_name_are_problems(dataset):
+    train = json.loads((dataset / "annotations" / "instance_train.json").read_text())
+    train["images"].append({"id": 50, "file_name": "a.jpg"})
+    (dataset / "annotations" / "instance_train.json").write_text(json.dumps(train))
+    problems, converted = convert_coco(str(dataset))
+    assert converted and [p.reason for p in problems if p.kind == "bad_annotations"] == [
+        "images[4] (id 50) repeats the file_name of images[0]; left out"]
+    for name in ("train", "val"):
+        data = json.loads((dataset / "annotations" / f"instance_{name}.json").read_text())
+        data["categories"][0]["name"] = "tooth\nbrush"
+        (dataset / "annotations" / f"instance_{name}.json").write_text(json.dumps(data))
+    problems, converted = convert_coco(str(dataset))
+    assert not converted and {p.reason for p in problems} == {
+        "categories[0] has name 'tooth\\nbrush': label.txt needs a one-line name"}

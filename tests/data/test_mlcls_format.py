@@ -1,10 +1,15 @@
 """MLClsDataset parsing: every bad line becomes a problem with its file, line and reason; lines end at \\n only."""
 
+import random
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from mlcls_ray.data.manifest import Manifest
-from mlcls_ray.data.mlcls_format import drop_duplicates, iter_lines, parse_label_file, parse_list, read_dataset
+from mlcls_ray.data.mlcls_format import (_parse_line, drop_duplicates, iter_lines, parse_label_file, parse_list,
+                                         read_dataset)
 
 
 def parse(text: str, num_classes: int = 3, file: str = "train.txt"):
@@ -26,6 +31,36 @@ def test_tab_and_space_separators_both_parse():
     assert problems == []
     assert rows == [("images/a.jpg", 1, [0, 1, 0]), ("images/b.jpg", 2, [1, 0, 1]), ("images/c d.jpg", 4, [0, 0, 0]),
                     ("images/e.jpg", 5, [1, 1, 1])]
+
+
+def test_the_bulk_parser_takes_only_lines_the_per_line_parser_would_accept_unchanged():
+    """Every line, alone, through both parsers: the same path, labels and problems. A differential fuzz."""
+    rng = random.Random(5)
+    alphabet = ["a", "b", "/", ".", " ", "\t", "\r", "0", "1", ",", "\\", ":", "\x00", "é", "\f"]
+
+    def random_line():
+        if rng.random() < 0.5:  # path-and-vector shaped, with odd bytes where they hurt
+            path = "".join(rng.choice(["a", "b", "/", ".", " ", "\r", "\\"]) for _ in range(rng.randint(0, 6)))
+            vector = ",".join(rng.choice("01") for _ in range(2))
+            if rng.random() < 0.3:
+                vector = "".join(rng.choice("01, \r") for _ in range(rng.randint(0, 5)))
+            return path + rng.choice(["\t", " ", "  ", "\t\t"]) + vector + rng.choice(["", "\r", " ", "\t"])
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10)))
+
+    for _ in range(3000):
+        line = random_line()
+        bulk_problems, alone_problems = [], []
+        paths, _, packed = parse_list((line + "\n").encode(), "t.txt", 2, bulk_problems)
+        alone = _parse_line(line.removesuffix("\r"), 1, "t.txt", 2, "label.txt defines 2 classes", alone_problems)
+        bulk = (paths.to_pylist(), np.unpackbits(packed, axis=1, count=2).tolist(), bulk_problems)
+        assert bulk == (([alone[0]], [list(alone[1])]) if alone else ([], [])) + (alone_problems,), repr(line)
+
+
+def test_a_line_built_to_make_a_regex_backtrack_parses_at_once():
+    script = ("from mlcls_ray.data.mlcls_format import parse_list; p = []; "
+              "parse_list(b'a.jpg ' + b', ' * 5000 + b'x y\\n', 't.txt', 3, p); print(p[0].kind)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout.strip() == "no_label_field"  # a backtracking regex took hours on 80 such bytes
 
 
 def test_bulk_and_per_line_parsers_agree_on_many_lines():
@@ -56,6 +91,8 @@ def test_bulk_and_per_line_parsers_agree_on_many_lines():
     ("s3://other-bucket/a.jpg\t0,1,0", "unsafe_path", "absolute path"),
     ("../outside.jpg\t0,1,0", "unsafe_path", "escapes the dataset root"),
     ("images/../../outside.jpg\t0,1,0", "unsafe_path", "escapes the dataset root"),
+    (".\t0,1,0", "unsafe_path", "names the dataset root itself"),
+    ("images/..\t0,1,0", "unsafe_path", "names the dataset root itself"),
 ])
 def test_each_bad_line_names_file_line_and_reason(line, kind, reason):
     problem = one_problem("images/ok.jpg\t0,0,0\n" + line + "\n")  # on line 2
@@ -85,6 +122,12 @@ def test_all_problems_in_one_pass():
     rows, problems = parse("images/a.jpg\t0,1\nimages/b.jpg\t0,1,0\nimages/c.jpg\t0,5,0\n../x.jpg\t0,0,0\n")
     assert [r[0] for r in rows] == ["images/b.jpg"]
     assert [(p.line, p.kind) for p in problems] == [(1, "wrong_length"), (3, "bad_value"), (4, "unsafe_path")]
+
+
+def test_a_bom_read_on_its_own_does_not_end_the_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"\xef\xbb\xbfimages/a.jpg\t1,0\nimages/b.jpg\t0,1\n")
+    assert b"".join(data for data, _ in iter_lines(str(path), chunk_bytes=3)) == b"images/a.jpg\t1,0\nimages/b.jpg\t0,1\n"
 
 
 def test_chunks_split_only_between_lines_and_number_lines_across_chunks(tmp_path):
