@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 
 from mlcls_ray import storage
-from mlcls_ray.data.manifest import Manifest
 from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, copy_lines, drop_duplicates, read_dataset
 from mlcls_ray.data.problems import Problem, ProblemLog, ProblemSink
 
@@ -83,7 +82,7 @@ def iterative_stratification(packed: np.ndarray, num_classes: int, sizes: tuple[
     Returns:
         ``[N]`` int8 subset index per sample.
     """
-    n, k = len(packed), len(sizes)
+    n = len(packed)
     rng = np.random.default_rng(seed)
     priority = rng.permutation(n)  # the seeded "shuffle", over canonical positions
     if rank is not None:
