@@ -68,7 +68,7 @@ def _read_run(path: str) -> Iterator[tuple[tuple, Problem]]:
 
 
 class ProblemLog:
-    """Every problem of a run, counted by kind and file and kept in order of file and line.
+    """Every problem of a run, counted by kind and by file and kind, and kept in order of file and line.
 
     Use it as a context manager so its spill files are removed.
     """
@@ -107,10 +107,6 @@ class ProblemLog:
         self._buffer.append((key, problem))
         if len(self._buffer) >= self._buffer_size:
             self._spill()
-
-    def extend(self, problems) -> None:
-        for p in problems:
-            self.append(p)
 
     def _write_run(self, entries: Iterable[tuple[tuple, Problem]]) -> str:
         if self._spill_dir is None:
