@@ -1,0 +1,1 @@
+"""Models: the ML-Decoder head, the backbone zoo and the loss."""
