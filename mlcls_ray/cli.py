@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 
 from mlcls_ray import storage
 from mlcls_ray.config import Config, ConfigError, list_presets, load_config
+from mlcls_ray.errors import root_cause
 
 __all__ = ["main", "root_cause"]
 
@@ -21,7 +21,20 @@ def _check_dataset(cfg: Config) -> int:
     return run_check_dataset(cfg)
 
 
-MODES: dict[str, Callable[[Config], int]] = {"check_dataset": _check_dataset}
+def _train(cfg: Config) -> int:
+    from mlcls_ray.train.run import run_train
+
+    return run_train(cfg)
+
+
+def _evaluate(cfg: Config) -> int:
+    from mlcls_ray.train.evaluate import run_evaluate
+
+    return run_evaluate(cfg)
+
+
+MODES: dict[str, Callable[[Config], int]] = {"check_dataset": _check_dataset, "train": _train,
+                                             "evaluate": _evaluate}
 
 
 def _init_ray() -> None:
@@ -32,32 +45,8 @@ def _init_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.*)$", re.MULTILINE)
-
-
-def root_cause(exc: BaseException) -> str:
-    """``Type: message`` of the error that started a failure, on one line.
-
-    A failure inside a Ray task reaches the driver wrapped in ``RayTaskError``, whose text is the remote traceback;
-    Ray Data's ``UserCodeException`` keeps the original only in that text. Both are unwrapped here.
-    """
-    ray_error = sys.modules.get("ray.exceptions")
-    if ray_error is not None:
-        while isinstance(exc, ray_error.RayTaskError) and isinstance(exc.cause, BaseException):
-            if isinstance(exc.cause, ray_error.RayError):  # the original exists only as traceback text
-                first = _ANSI.sub("", str(exc)).split("The above exception was the direct cause")[0]
-                found = _ERROR_LINE.findall(first)
-                if found:
-                    return f"{found[-1][0].rsplit('.', 1)[-1]}: {found[-1][1]}"
-                break
-            exc = exc.cause
-    message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return f"{type(exc).__name__}: {message}"
+    else:  # with the dashboard: Ray Train's state API needs it, and users watch jobs there
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for key, value in cfg.overrides.items():
         print(f"override {key} = {value!r}")
+    for warning in cfg.warnings:
+        print(f"mlcls: warning: {warning}", file=sys.stderr)
     try:
         storage.write_text(storage.join(cfg["Global.output"], "config.yaml"), cfg.to_yaml())
         _init_ray()

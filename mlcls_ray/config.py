@@ -22,7 +22,8 @@ from mlcls_ray.data.images import MAX_PIXELS_CEILING
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Key", "list_presets", "load_config", "parse_override"]
 
-MODES = ("check_dataset",)  # later issues add train, evaluate, export, predict, label, serve
+MODES = ("check_dataset", "train", "evaluate")  # later issues add export, predict, label, serve
+_GENERIC = "_timm_ML"  # the recipe of any timm backbone named as `-c <timm_name>_ML`
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,15 @@ SCHEMA: dict[str, Key] = {
     "CheckDataset.split.train_percent": Key(int, "train share in percent", nullable=True, min=1, max=99),
     "CheckDataset.split.val_percent": Key(int, "val share in percent", nullable=True, min=1, max=99),
     "CheckDataset.split.seed": Key(int, "seed of the split (same seed, same files)", min=0),
+    "Arch.backbone": Key(str, "timm model name of the backbone"),
+    "Arch.tap": Key(str, "which backbone features the head reads", choices=("features", "head.last_conv",
+                                                                          "conv_head")),
+    "Arch.num_queries": Key(int, "ML-Decoder queries cap; min(this, classes) are used", min=1),
+    "Arch.embed_dim": Key(int, "ML-Decoder width", min=8),
+    "Arch.num_layers": Key(int, "ML-Decoder layers", min=1),
+    "Arch.num_heads": Key(int, "ML-Decoder attention heads", min=1),
+    "Arch.ffn_dim": Key(int, "ML-Decoder feed-forward width", min=1),
+    "Arch.dropout": Key(float, "ML-Decoder dropout", min=0.0, max=0.9),
     "Train.num_classes": Key(int, "number of classes; null = read label.txt", nullable=True, min=1),
     "Train.epochs_iters": Key(int, "epochs", min=1),
     "Train.batch_size": Key(int, "batch size per device", min=1),
@@ -75,8 +85,21 @@ SCHEMA: dict[str, Key] = {
     "Train.log_interval": Key(int, "log every N steps", min=1),
     "Train.eval_interval": Key(int, "evaluate every N epochs", min=1),
     "Train.save_interval": Key(int, "save every N epochs", min=1),
+    "Train.image_size": Key(int, "square input size", min=16, max=4096),
+    "Train.loss": Key(str, "loss", choices=("asl", "bce")),
+    "Train.augment": Key(str, "training augmentation: ml_decoder, light, or None (resize only)", nullable=True,
+                         choices=("ml_decoder", "light")),
+    "Train.weight_decay": Key(float, "AdamW weight decay (none on 1-D parameters)", min=0.0, max=1.0),
+    "Train.ema_decay": Key(float, "EMA decay, with warm-up; 0 turns EMA off", min=0.0, max=0.99999),
+    "Train.seed": Key(int, "seed of weights and RNG", min=0),
+    "Train.num_workers": Key(int, "Ray Train workers; null = from Global.device (gpu:0,1 -> 2)", nullable=True,
+                             min=1),
+    "Train.cpus_per_worker": Key(float, "CPUs each training worker reserves; null = 1 with a GPU, else half "
+                                 "the cluster's CPUs shared by the workers", nullable=True, min=0.01),
+    "Train.max_failures": Key(int, "restarts from the latest checkpoint after a worker or node is lost", min=0),
     "Evaluate.weight_path": Key(str, f"model to evaluate, {_PATH}", nullable=True),
     "Evaluate.log_interval": Key(int, "log every N steps", min=1),
+    "Evaluate.batch_size": Key(int, "images per inference batch", min=1),
     "Export.weight_path": Key(str, f"model to export, {_PATH}", nullable=True),
     "Predict.batch_size": Key(int, "images per batch", min=1),
     "Predict.model_dir": Key(str, f"model folder, {_PATH}", nullable=True),
@@ -85,6 +108,7 @@ SCHEMA: dict[str, Key] = {
     "Predict.kernel_option.run_mode": Key(str, "inference engine", choices=("torch", "paddle")),
 }
 
+_SGD_SCALE_LR = 0.01  # PaddleX module YAMLs ship 0.05-0.1 with AdamW
 _NULLS = ("None", "none", "null", "Null", "NULL", "~", "")
 
 
@@ -95,6 +119,7 @@ class Config:
     values: dict[str, Any]
     source: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -114,7 +139,9 @@ class Config:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("mlcls_ray.configs").iterdir() if p.name.endswith(".yaml"))
+    """The named presets; any timm backbone is also accepted as ``<timm_name>_ML``."""
+    return sorted(p.name[:-5] for p in resources.files("mlcls_ray.configs").iterdir()
+                  if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -214,14 +241,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, None if raw in _NULLS else raw
 
 
+def _timm_backbones() -> list[str]:
+    import timm  # slow to import; only needed for names that are not presets
+
+    return timm.list_models()
+
+
 def _load_preset(name: str) -> dict[str, Any]:
     presets = list_presets()
-    if name not in presets:
-        close = difflib.get_close_matches(name, presets, n=3, cutoff=0.4)
-        hint = f"did you mean {', '.join(close)}?" if close else f"presets: {', '.join(presets)}"
-        raise ConfigError([f"-c {name!r}: not a YAML file or a preset name; {hint}"])
-    text = resources.files("mlcls_ray.configs").joinpath(f"{name}.yaml").read_text()
-    return _read_yaml(text, f"preset {name}")
+    if name in presets:
+        text = resources.files("mlcls_ray.configs").joinpath(f"{name}.yaml").read_text()
+        return _read_yaml(text, f"preset {name}")
+    backbones = _timm_backbones()
+    if name.endswith("_ML") and name[:-3] in backbones:
+        text = resources.files("mlcls_ray.configs").joinpath(f"{_GENERIC}.yaml").read_text()
+        return {**_read_yaml(text, f"recipe {_GENERIC}"), "Global.model": name, "Arch.backbone": name[:-3]}
+    close = difflib.get_close_matches(name, presets + [f"{b}_ML" for b in backbones], n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"presets: {', '.join(presets)}"
+    raise ConfigError([f"-c {name!r}: not a YAML file, a preset name, or <timm model>_ML; {hint}"])
 
 
 def _resolve_base(config: str) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -278,7 +315,16 @@ def load_config(config: str, overrides: Sequence[str] = (), *, check_paths: bool
     problems += _cross_checks(values, check_paths)
     if problems:
         raise ConfigError(problems)
-    return Config(values, source, {k: values[k] for k in parsed})
+    return Config(values, source, {k: values[k] for k in parsed}, _warnings(values))
+
+
+def _warnings(v: dict[str, Any]) -> list[str]:
+    """Values that run but are almost surely wrong."""
+    lr = v["Train.learning_rate"]
+    if lr >= _SGD_SCALE_LR:
+        return [f"Train.learning_rate={lr:g} is an SGD-scale rate; with AdamW it makes ML-Decoder predict the same "
+                "classes for every image (PaddleClas #3290). The presets use 1e-4 (CLIP 5e-5)"]
+    return []
 
 
 def _cross_checks(v: dict[str, Any], check_paths: bool) -> list[str]:
@@ -298,10 +344,10 @@ def _cross_checks(v: dict[str, Any], check_paths: bool) -> list[str]:
                 f"CheckDataset.split.train_percent + val_percent: {train} + {val} must be 100 when split.enable "
                 "is True, e.g. -o CheckDataset.split.train_percent=80 -o CheckDataset.split.val_percent=20"
             )
-    if check_paths and valid("Global.mode", "Global.dataset_dir") and v["Global.mode"] == "check_dataset":
+    if check_paths and valid("Global.mode", "Global.dataset_dir") and v["Global.mode"] in MODES:
         root = v["Global.dataset_dir"]
         if root is None:
-            problems.append("Global.dataset_dir: must be set for check_dataset (" + _PATH + ")")
+            problems.append(f"Global.dataset_dir: must be set for {v['Global.mode']} ({_PATH})")
         else:
             try:
                 if not storage.is_dir(root):

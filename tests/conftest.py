@@ -14,7 +14,8 @@ import pytest
 def ray_start_2_cpus():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # the dashboard serves the state API, which Ray Train's placement-group cleaner polls
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
     yield
     ray.shutdown()
 

@@ -53,3 +53,28 @@ def make_mlcls(root: Path, names: list[str], train: list[tuple[str, list[int]]],
             for i, (p, _) in enumerate(rows):
                 write_image(root / p, color=(20 * i % 255, 100, 150))
     return root
+
+
+QUADRANT_NAMES = ["top_left", "top_right", "bottom_left", "bottom_right"]
+
+
+def make_quadrants(root: Path, num_train: int, num_val: int, size: int = 32, seed: int = 0) -> Path:
+    """A dataset a tiny network learns in a few epochs: class i is a bright square in quadrant i, on noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    half = size // 2
+    corners = [(0, 0), (0, half), (half, 0), (half, half)]  # (row, column) of each quadrant
+    rows = {"train": [], "val": []}
+    for i in range(num_train + num_val):
+        labels = (rng.random(4) < 0.4).astype(int)
+        img = rng.integers(0, 80, (size, size, 3), dtype=np.uint8)
+        for c in np.flatnonzero(labels):
+            r, col = corners[c]
+            img[r + 2:r + half - 2, col + 2:col + half - 2] = (230, 200, 40)
+        name = f"images/{i:05d}.png"
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / name)
+        rows["train" if i < num_train else "val"].append((name, labels.tolist()))
+    return make_mlcls(root, QUADRANT_NAMES, rows["train"], rows["val"], make_images=False)

@@ -118,7 +118,7 @@ def _rows_per_block(rows: int) -> int:
 
 def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes", "none"] = "rgb",
                 max_pixels: int = DEFAULT_MAX_PIXELS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                batch_size: int = 16) -> ray.data.Dataset:
+                batch_size: int = 16, shuffle: bool = False) -> ray.data.Dataset:
     """Stream every image of a manifest through the one decoder, as a Ray Dataset.
 
     Args:
@@ -129,6 +129,8 @@ def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes",
         max_pixels: images with more pixels are refused before decoding.
         max_file_bytes: files larger than this are refused before reading.
         batch_size: images decoded per batch; it bounds a task's memory (batch x decoded image size).
+        shuffle: visit the manifest's blocks in a new random order on every pass (an epoch); only block
+            references move, no image.
 
     Returns:
         A dataset with one row per manifest row: ``index`` (the manifest row), ``path``, ``labels`` (``[C]``
@@ -137,7 +139,10 @@ def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes",
     """
     fs, fs_root = storage.resolve(root)
     blocks = manifest.to_blocks(_rows_per_block(len(manifest)))
-    return ray.data.from_arrow(blocks).map_batches(
+    rows = ray.data.from_arrow(blocks)
+    if shuffle:
+        rows = rows.randomize_block_order()
+    return rows.map_batches(
         _read_batch,
         fn_kwargs={"fs": fs, "root": fs_root.rstrip("/"), "image": image, "num_classes": manifest.num_classes,
                    "max_pixels": max_pixels, "max_file_bytes": max_file_bytes},

@@ -1,0 +1,1 @@
+"""Inference: the one Predictor and the modes built on it."""

@@ -1,0 +1,65 @@
+"""Training and validation Datasets: the one image reader, then the train or eval transform, in CPU tasks.
+
+Rows leave these Datasets as fixed-shape uint8 ``image`` ``[S, S, 3]`` and ``labels`` ``[C]``; workers normalise on
+their device (:func:`mlcls_ray.data.transforms.to_model_input`). Unreadable images are dropped here with one line
+per batch naming the first of them, so a bad file never stops training; ``check_dataset`` lists them all.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import ray
+
+from mlcls_ray.data.manifest import Manifest
+from mlcls_ray.data.pipeline import read_images
+from mlcls_ray.data.transforms import TrainAugment, resize_square
+
+__all__ = ["train_dataset", "val_dataset"]
+
+_BATCH = 16  # images per CPU task batch: bounds a task's memory, as in read_images
+
+
+def _keep_good(batch: dict[str, np.ndarray]) -> np.ndarray:
+    good = batch["error_kind"] == ""
+    if not good.all():
+        first = int(np.flatnonzero(~good)[0])
+        print(f"mlcls: skipped {int((~good).sum())} image(s) that cannot be read, e.g. {batch['path'][first]}: "
+              f"{batch['error_reason'][first]} (check_dataset lists them all)", file=sys.stderr)
+    return good
+
+
+def _train_batch(batch: dict[str, np.ndarray], augment: str, size: int) -> dict[str, np.ndarray]:
+    good = _keep_good(batch)
+    transform, rng = TrainAugment(augment, size), np.random.default_rng()
+    images = [transform(img, rng) for img in batch["image"][good]]
+    return {"image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),  # [B, S, S, 3]
+            "labels": batch["labels"][good]}
+
+
+def _val_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    good = _keep_good(batch)
+    images = [resize_square(img, size) for img in batch["image"][good]]
+    return {"index": batch["index"][good],
+            "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+            "labels": batch["labels"][good]}
+
+
+def train_dataset(manifest: Manifest, root: str, *, augment: str, size: int, max_pixels: int,
+                  max_file_bytes: int, seed: int) -> ray.data.Dataset:
+    """Decoded, augmented training images; rows are shuffled once here, blocks on every epoch."""
+    order = np.random.default_rng(seed).permutation(len(manifest))
+    images = read_images(manifest.select(order), root, image="rgb", max_pixels=max_pixels,
+                         max_file_bytes=max_file_bytes, batch_size=_BATCH, shuffle=True)
+    return images.map_batches(_train_batch, fn_kwargs={"augment": augment, "size": size}, batch_size=_BATCH,
+                              batch_format="numpy", num_cpus=1)
+
+
+def val_dataset(manifest: Manifest, root: str, *, size: int, max_pixels: int, max_file_bytes: int
+                ) -> ray.data.Dataset:
+    """Decoded validation images, squish-resized as every inference path does, with their manifest ``index``."""
+    images = read_images(manifest, root, image="rgb", max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+                         batch_size=_BATCH)
+    return images.map_batches(_val_batch, fn_kwargs={"size": size}, batch_size=_BATCH, batch_format="numpy",
+                              num_cpus=1)

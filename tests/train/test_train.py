@@ -1,0 +1,168 @@
+"""Training on a real local Ray (2 CPUs, gloo): DDP against a plain loop, worker loss, resume, S3, evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from mlcls_ray import model_dir, storage
+from mlcls_ray.cli import main
+from mlcls_ray.data.mlcls_format import read_dataset
+from mlcls_ray.data.problems import ProblemLog
+from mlcls_ray.infer.predictor import Predictor
+from mlcls_ray.train.baseline import decode_all, plain_train
+from mlcls_ray.train.run import latest_checkpoint
+from tests.helpers import make_quadrants, upload_tree
+
+pytestmark = pytest.mark.usefixtures("ray_start_2_cpus")
+
+_MODEL = "test_resnet_ML"  # timm's tiny test network, through the generic <timm model>_ML recipe
+_ARCH = ["Arch.embed_dim=64", "Arch.ffn_dim=128", "Arch.num_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def quadrants(tmp_path_factory) -> Path:
+    return make_quadrants(tmp_path_factory.mktemp("data") / "quadrants", num_train=256, num_val=128)
+
+
+def _train(root: str, output: str, *overrides: str) -> int:
+    settings = ["Global.mode=train", f"Global.dataset_dir={root}", f"Global.output={output}", "Global.device=cpu",
+                "Train.image_size=32", "Train.batch_size=16", "Train.num_workers=2", "Train.learning_rate=0.003",
+                "Train.warmup_steps=0", "Train.augment=none", "Train.pretrain_weight_path=None", "Train.log_interval=4",
+                *_ARCH, *overrides]
+    return main(["-c", _MODEL, *[a for s in settings for a in ("-o", s)]])
+
+
+def _result(output: str, name: str = "train_result.json") -> dict:
+    return json.loads(storage.read_text(storage.join(output, name)))
+
+
+def test_two_workers_match_a_plain_loop_on_two_cpus(quadrants, tmp_path):
+    """Two gloo workers on a 2-CPU Ray (each reserving half a CPU, leaving one to decode) reach the mAP of a
+    single-process loop with the same model, data, global batch (2 x 16) and seed."""
+    out = tmp_path / "out"
+    assert _train(str(quadrants), str(out), "Train.epochs_iters=6", "Train.ema_decay=0") == 0
+    ray_map = _result(str(out))["models"]["best"]["score"]
+
+    with ProblemLog() as problems:
+        _, manifest = read_dataset(str(quadrants), problems)
+    train = decode_all(manifest.select(manifest.rows_of("train.txt")), str(quadrants))
+    val = decode_all(manifest.select(manifest.rows_of("val.txt")), str(quadrants))
+    spec = model_dir.read_info(str(out / "best_model")).spec
+    plain = plain_train(spec, train, val, epochs=6, batch_size=32, lr=0.003)["map"]
+
+    chance = float(val[1].mean())  # the AP of random scores is each class's prevalence
+    assert ray_map > chance + 0.4 and plain > chance + 0.4
+    assert abs(ray_map - plain) < 0.02, (ray_map, plain)
+
+
+def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadrants, tmp_path):
+    out = tmp_path / "out"
+    assert _train(str(quadrants), str(out), "Train.epochs_iters=2", "Train.save_interval=1") == 0
+    result = _result(str(out))
+    assert result["done_flag"] is True and result["model_name"] == _MODEL
+    best = result["models"]["best"]
+    assert (out / best["inference_config"]).is_file() and (out / best["safetensors"]).is_file()
+    assert [result["models"][k]["epoch"] for k in ("last_1", "last_2")] == [2, 1]
+    assert (out / result["models"]["last_1"]["checkpoint"] / "state.pt").is_file()
+    for name in ("train.log", "config.yaml", "curves.png", "label_dict.txt"):
+        assert (out / name).is_file(), name
+    log = (out / "train.log").read_text()
+    assert "[Eval][Epoch 2][Avg] MultiLabelMAP(integral): " in log and "ETA" in log
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+    assert main(["-c", _MODEL, "-o", "Global.mode=evaluate", "-o", f"Global.dataset_dir={quadrants}",
+                 "-o", f"Global.output={out}", "-o", "Global.device=cpu"]) == 0
+    evaluated = _result(str(out), "evaluate_result.json")
+    assert evaluated["done_flag"] is True and evaluated["images"] == 128
+    assert evaluated["metrics"]["MultiLabelMAP"] == pytest.approx(best["score"], abs=1e-4)
+    assert set(evaluated["metrics"]["per_class_AP"]) == {"top_left", "top_right", "bottom_left", "bottom_right"}
+    assert (out / "pr_curve.png").stat().st_size > 1000
+
+    # the folder alone, through the Predictor: the same preprocessing as training's validation
+    predictor = Predictor(str(out / "best_model"))
+    with ProblemLog() as problems:
+        _, manifest = read_dataset(str(quadrants), problems, files=("val.txt",))
+    images, labels = decode_all(manifest, str(quadrants))
+    from mlcls_ray.metrics import mean_average_precision
+
+    logits = predictor.logits(predictor.preprocess(images))
+    assert mean_average_precision(logits, labels) == pytest.approx(best["score"], abs=1e-4)
+
+
+def _train_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(quadrants, tmp_path):
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        # epoch_2 being written means epoch_1 was registered: reports are barriers, in order
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list(out.glob("checkpoints/*/epoch_2")):
+            time.sleep(0.1)
+        workers = _train_workers()
+        if workers:
+            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    assert _train(str(quadrants), str(out), "Train.epochs_iters=5", "Train.max_failures=1") == 0
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    log = (out / "train.log").read_text()
+    restart = log.index("resumed from its latest checkpoint")
+    assert "epochs 1-" not in log[restart - 200:restart]  # it went on from a saved epoch, not from scratch
+    assert "[Train][Epoch 5/5][Avg]" in log[restart:]
+    assert _result(str(out))["done_flag"] is True
+
+
+def test_resume_path_latest_continues_a_finished_run(quadrants, tmp_path):
+    out = tmp_path / "out"
+    assert _train(str(quadrants), str(out), "Train.epochs_iters=1") == 0
+    first = latest_checkpoint(str(out))
+    assert first is not None and first.endswith("epoch_1")
+    assert _train(str(quadrants), str(out), "Train.epochs_iters=2", "Train.resume_path=latest") == 0
+    log = (out / "train.log").read_text()
+    assert f"epochs 2-2, resumed from {first}" in log
+    assert "[Train][Epoch 1/1][Avg]" in log  # the first run's lines are kept...
+    assert "[Train][Epoch 1/2]" not in log and "[Train][Epoch 2/2][Avg]" in log  # ...and epoch 1 is not retrained
+    assert latest_checkpoint(str(out)).endswith("epoch_2")
+
+
+def test_resume_path_that_is_not_a_checkpoint_is_a_clear_error(quadrants, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _train(str(quadrants), str(out), "Train.resume_path=latest") == 1
+    assert "Train.resume_path=latest: no checkpoint under" in capsys.readouterr().err
+    failure = _result(str(out))
+    assert failure["done_flag"] is False and failure["err_type"] == "TrainSetupError"
+    assert failure["err_msg"].startswith("TrainSetupError: Train.resume_path=latest: no checkpoint under")
+
+
+def test_too_many_cpus_per_worker_is_refused_before_it_can_hang(quadrants, tmp_path, capsys):
+    assert _train(str(quadrants), str(tmp_path / "out"), "Train.cpus_per_worker=1") == 1
+    assert "leaves less than 1 to decode images" in capsys.readouterr().err
+
+
+def test_dataset_checkpoints_and_model_on_s3(quadrants, s3_bucket):
+    upload_tree(quadrants, f"{s3_bucket}/data")
+    out = f"{s3_bucket}/runs/r1"
+    assert _train(f"{s3_bucket}/data", out, "Train.epochs_iters=1") == 0
+    result = _result(out)
+    assert result["done_flag"] is True
+    assert storage.exists(f"{out}/{result['models']['last_1']['checkpoint']}/state.pt")
+    info = model_dir.read_info(f"{out}/best_model")
+    assert info.label_names == ["top_left", "top_right", "bottom_left", "bottom_right"]
+    assert len(info.thresholds) == 4 and all(np.isfinite(info.thresholds))
+    assert storage.exists(f"{out}/train.log") and storage.exists(f"{out}/curves.png")
