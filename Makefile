@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := demo_data
 DEMO_OUT := output/demo
+# a small timm backbone from scratch (no hub needed), two Ray Train workers on CPU, a few minutes
+DEMO_MODEL := resnet18_ML
+DEMO_TRAIN := -o Global.dataset_dir=$(DEMO_DIR) -o Global.output=$(DEMO_OUT) -o Global.device=cpu \
+	-o Train.num_workers=2 -o Train.image_size=64 -o Train.batch_size=32 -o Train.epochs_iters=8 \
+	-o Train.learning_rate=0.001 -o Train.warmup_steps=1 -o Train.augment=light -o Train.pretrain_weight_path=None
 
 .PHONY: demo demo-data test bench lock clean
 
@@ -21,6 +26,8 @@ demo: demo-data
 		-o Global.dataset_dir=$(DEMO_DIR) -o Global.output=$(DEMO_OUT) \
 		-o CheckDataset.convert.enable=True -o CheckDataset.convert.src_dataset_type=COCO \
 		-o CheckDataset.split.enable=True -o CheckDataset.split.train_percent=80 -o CheckDataset.split.val_percent=20
+	$(VENV)/bin/mlcls -c $(DEMO_MODEL) -o Global.mode=train $(DEMO_TRAIN)
+	$(VENV)/bin/mlcls -c $(DEMO_MODEL) -o Global.mode=evaluate $(DEMO_TRAIN)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -28,6 +35,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) jobs/bench_check.py --memory 20000
 	$(PY) jobs/bench_manifest.py
+	$(PY) jobs/bench_train.py
 
 lock: $(VENV)/.installed
 	(echo "# Pins of everything that passed make test here. Regenerate with: make lock"; \

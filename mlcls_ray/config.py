@@ -217,9 +217,12 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError([f"{key}: must be set ({spec.help})"])
     value = _typed(key, spec, value)
     if spec.choices is not None and value not in spec.choices:
-        raise ConfigError([f"{key}: {value!r} is not allowed; choose one of: {', '.join(map(str, spec.choices))}"])
+        allowed = ", ".join(map(str, spec.choices)) + (", or None" if spec.nullable else "")
+        raise ConfigError([f"{key}: {value!r} is not allowed; choose one of: {allowed}"])
     if spec.min is not None and value < spec.min or spec.max is not None and value > spec.max:
-        raise ConfigError([f"{key}: {value!r} is out of range [{spec.min}, {spec.max}] ({spec.help})"])
+        bounds = (f"[{spec.min}, {spec.max}]" if spec.min is not None and spec.max is not None
+                  else f"(at least {spec.min})" if spec.min is not None else f"(at most {spec.max})")
+        raise ConfigError([f"{key}: {value!r} is out of range {bounds} ({spec.help})"])
     if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
         raise ConfigError([f"{key}: {value!r} is not allowed; use {spec.pattern_help}"])
     return value

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -94,10 +95,11 @@ def read_info(uri: str) -> ModelInfo:
         spec = ModelSpec.from_dict({**doc["Model"], "image_size": int(size[0] if isinstance(size, list) else size),
                                     "mean": norm["mean"], "std": norm["std"]})
         names, threshold = [str(n) for n in post["label_list"]], post["threshold"]
+        thresholds = ([float(threshold)] * len(names) if isinstance(threshold, (int, float))
+                      else [float(t) for t in threshold])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a model folder written by mlcls ({type(exc).__name__}: {exc}); "
                          "train one, or point at the best_model/ folder of a training run") from None
-    thresholds = [float(threshold)] * len(names) if isinstance(threshold, (int, float)) else list(map(float, threshold))
     if len(thresholds) != spec.num_classes or len(names) != spec.num_classes:
         raise ValueError(f"{path}: {spec.num_classes} classes, but {len(names)} labels and {len(thresholds)} "
                          "thresholds")
@@ -107,10 +109,14 @@ def read_info(uri: str) -> ModelInfo:
 def load(uri: str, device: str | torch.device = "cpu") -> tuple[MLClassifier, ModelInfo]:
     """Rebuild the network of a model folder, in eval mode on ``device``."""
     info = read_info(uri)
-    model, _ = build_model(info.spec)
     try:
-        state = load_safetensors(storage.read_bytes(storage.join(uri, WEIGHTS_FILE)))
-        model.load_state_dict(state)
-    except (storage.StorageError, RuntimeError) as exc:
-        raise ValueError(f"{storage.join(uri, WEIGHTS_FILE)}: cannot load the weights ({exc})") from None
+        model, _ = build_model(info.spec)
+    except (RuntimeError, ValueError) as exc:  # timm's unknown model, or a tap that is not one of TAPS
+        raise ValueError(f"{storage.join(uri, CONFIG_FILE)}: its Model section does not build ({exc})") from None
+    weights = storage.join(uri, WEIGHTS_FILE)
+    try:
+        model.load_state_dict(load_safetensors(storage.read_bytes(weights)))
+    except (storage.StorageError, SafetensorError, RuntimeError) as exc:  # missing, corrupt, or another network's
+        reason = " ".join(str(exc).split())  # load_state_dict lists one mismatch per line
+        raise ValueError(f"{weights}: cannot load the weights ({type(exc).__name__}: {reason[:500]})") from None
     return model.to(device).eval(), info

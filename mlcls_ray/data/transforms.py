@@ -112,7 +112,7 @@ class TrainAugment:
 def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
                    channels_last: bool = False) -> torch.Tensor:
     """``[B, H, W, 3]`` uint8 on any device -> ``[B, 3, H, W]`` float32, scaled to [0, 1] and normalised."""
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W]
+    x = images.permute(0, 3, 1, 2).to(torch.float32, copy=True).div_(255.0)  # [B, 3, H, W]; never the caller's
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     x = (x - m) / s

@@ -163,16 +163,41 @@ def _file_backbone(spec: ModelSpec, uri: str) -> nn.Module | dict:
             state = timm.models.load_state_dict(str(local), weights_only=True)
         except Exception as exc:
             raise PretrainedError(f"Train.pretrain_weight_path: {uri} is not a safetensors or torch state dict "
-                                  f"({type(exc).__name__}: {exc})") from None
+                                  f"({type(exc).__name__}: {_one_line(exc)})") from None
         if any(k.startswith("head.query_embed") for k in state):  # a whole MLClassifier (e.g. COCO-trained)
             return state
         try:
-            return timm.create_model(spec.backbone, pretrained=True, pretrained_strict=False,
-                                      pretrained_cfg_overlay={"file": str(local), "num_classes": 0},
-                                      **_backbone_kwargs(spec))
+            backbone = timm.create_model(spec.backbone, pretrained=True, pretrained_strict=False,
+                                         pretrained_cfg_overlay={"file": str(local), "num_classes": 0},
+                                         **_backbone_kwargs(spec))
         except Exception as exc:
             raise PretrainedError(f"Train.pretrain_weight_path: {uri} does not fit {spec.backbone} "
-                                  f"({type(exc).__name__}: {exc})") from None
+                                  f"({type(exc).__name__}: {_one_line(exc)})") from None
+    if not _took_any(backbone, state):  # non-strict loading skips names it does not know, silently
+        theirs = [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.ndim >= 2][:2]
+        ours = [k for k, t in backbone.named_parameters() if t.ndim >= 2][:2]
+        raise PretrainedError(
+            f"Train.pretrain_weight_path: no tensor of {uri} was loaded into {spec.backbone}: its names "
+            f"({', '.join(theirs)}, ...) are not the backbone's ({', '.join(ours)}, ...). Save the backbone's own "
+            "state_dict (timm or open_clip names, no prefix such as model.)")
+    return backbone
+
+
+def _one_line(exc: Exception, limit: int = 400) -> str:
+    """An exception's text on one line, cut short (load_state_dict lists every mismatch on its own line)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _took_any(backbone: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether any weight matrix or kernel of ``backbone`` equals a tensor of ``state``, by value: timm's filters
+    may rename keys (OpenAI CLIP), so names cannot be compared. Random init never equals a saved tensor."""
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for t in state.values():
+        if isinstance(t, torch.Tensor) and t.ndim >= 2:
+            by_shape.setdefault(tuple(t.shape), []).append(t)
+    return any(torch.equal(p, t.to(p.dtype)) for p in backbone.parameters() if p.ndim >= 2
+               for t in by_shape.get(tuple(p.shape), ()))
 
 
 def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -180,6 +205,9 @@ def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str
     own = model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(k for k in state if k not in fits)
+    if not any(k.startswith("backbone.") for k in fits):
+        raise PretrainedError(f"Train.pretrain_weight_path: {source} is a whole model, but none of its backbone "
+                              f"tensors fit {model.spec.backbone}; pass weights of the same backbone, or None")
     model.load_state_dict(fits, strict=False)
     return [f"{source}: skipped {len(skipped)} tensor(s) whose name or shape does not fit this model "
             f"(e.g. {', '.join(skipped[:3])})"] if skipped else []

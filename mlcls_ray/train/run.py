@@ -56,7 +56,13 @@ def _scaling(cfg: Config) -> tuple[ScalingConfig, int]:
     device = cfg["Global.device"]
     use_gpu = device.startswith("gpu")
     workers = cfg["Train.num_workers"] or (len(device.split(":", 1)[1].split(",")) if ":" in device else 1)
-    cpus = float(ray.cluster_resources().get("CPU", 0))
+    cpus, gpus = (float(ray.cluster_resources().get(k, 0)) for k in ("CPU", "GPU"))
+    if use_gpu and gpus < workers:
+        message = (f"Global.device={device} asks for {workers} GPU worker(s), but the Ray cluster has {gpus:g} GPU(s); "
+                   "use -o Global.device=cpu, or fewer workers")
+        if not os.environ.get("RAY_ADDRESS"):  # an embedded local Ray never grows
+            raise TrainSetupError(message)
+        print(f"mlcls: {message}; waiting for the autoscaler to add GPU nodes", file=sys.stderr)
     per_worker = cfg["Train.cpus_per_worker"] or (1.0 if use_gpu else cpus / 2 / workers)
     if workers * per_worker > cpus - 1 + 1e-9:
         raise TrainSetupError(

@@ -15,10 +15,12 @@ import pytest
 
 from mlcls_ray import model_dir, storage
 from mlcls_ray.cli import main
+from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.mlcls_format import read_dataset
 from mlcls_ray.data.problems import ProblemLog
 from mlcls_ray.infer.predictor import Predictor
-from mlcls_ray.train.baseline import decode_all, plain_train
+from mlcls_ray.metrics import mean_average_precision
+from mlcls_ray.train.baseline import plain_train
 from mlcls_ray.train.run import latest_checkpoint
 from tests.helpers import make_quadrants, upload_tree
 
@@ -54,12 +56,11 @@ def test_two_workers_match_a_plain_loop_on_two_cpus(quadrants, tmp_path):
 
     with ProblemLog() as problems:
         _, manifest = read_dataset(str(quadrants), problems)
-    train = decode_all(manifest.select(manifest.rows_of("train.txt")), str(quadrants))
-    val = decode_all(manifest.select(manifest.rows_of("val.txt")), str(quadrants))
+    train, val = manifest.select(manifest.rows_of("train.txt")), manifest.select(manifest.rows_of("val.txt"))
     spec = model_dir.read_info(str(out / "best_model")).spec
-    plain = plain_train(spec, train, val, epochs=6, batch_size=32, lr=0.003)["map"]
+    plain = plain_train(spec, str(quadrants), train, val, epochs=6, batch_size=32, lr=0.003)["map"]
 
-    chance = float(val[1].mean())  # the AP of random scores is each class's prevalence
+    chance = float(val.class_counts().sum() / (len(val) * val.num_classes))  # random scores: AP = prevalence
     assert ray_map > chance + 0.4 and plain > chance + 0.4
     assert abs(ray_map - plain) < 0.02, (ray_map, plain)
 
@@ -91,9 +92,8 @@ def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadran
     predictor = Predictor(str(out / "best_model"))
     with ProblemLog() as problems:
         _, manifest = read_dataset(str(quadrants), problems, files=("val.txt",))
-    images, labels = decode_all(manifest, str(quadrants))
-    from mlcls_ray.metrics import mean_average_precision
-
+    images = [decode_image(storage.read_bytes(f"{quadrants}/{p}")) for p in manifest.paths.to_pylist()]
+    labels = manifest.labels(np.arange(len(manifest)))
     logits = predictor.logits(predictor.preprocess(images))
     assert mean_average_precision(logits, labels) == pytest.approx(best["score"], abs=1e-4)
 
@@ -153,6 +153,11 @@ def test_resume_path_that_is_not_a_checkpoint_is_a_clear_error(quadrants, tmp_pa
 def test_too_many_cpus_per_worker_is_refused_before_it_can_hang(quadrants, tmp_path, capsys):
     assert _train(str(quadrants), str(tmp_path / "out"), "Train.cpus_per_worker=1") == 1
     assert "leaves less than 1 to decode images" in capsys.readouterr().err
+
+
+def test_gpu_training_without_gpus_says_so(quadrants, tmp_path, capsys):
+    assert _train(str(quadrants), str(tmp_path / "out"), "Global.device=gpu:0,1") == 1
+    assert "Global.device=gpu:0,1 asks for 2 GPU worker(s), but the Ray cluster has 0 GPU(s)" in capsys.readouterr().err
 
 
 def test_dataset_checkpoints_and_model_on_s3(quadrants, s3_bucket):

@@ -1,0 +1,91 @@
+"""Benchmark: a Ray Train epoch (DDP workers fed by Ray Data) against a plain single-process PyTorch loop.
+
+    python jobs/bench_train.py                     # resnet18_ML at 64 px on 3,000 synthetic JPEGs, 2 workers
+    python jobs/bench_train.py --model PP-LCNet_x1_0_ML --image-size 448 --workers 1 --device gpu
+
+Both sides train the same model, on the same files, with the same global batch (workers x per-worker batch), loss,
+optimiser and transforms; both read and decode every image of every epoch (the plain loop inline, as a
+``DataLoader`` with ``num_workers=0`` would). Throughput is images per second of training epochs after the first
+(start-up, worker and pipeline warm-up excluded), best epoch of each side. The plain loop runs before and after
+Ray, and its best run counts, since this VM's speed drifts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mlcls_ray.cli import main as mlcls  # noqa: E402
+from mlcls_ray.config import load_config  # noqa: E402
+from mlcls_ray.data.mlcls_format import read_dataset  # noqa: E402
+from mlcls_ray.data.problems import ProblemLog  # noqa: E402
+from mlcls_ray.data.synthetic import generate  # noqa: E402
+from mlcls_ray.train.baseline import plain_train  # noqa: E402
+from mlcls_ray.train.run import model_spec  # noqa: E402
+
+_EPOCH_IPS = re.compile(r"\[Train\]\[Epoch (\d+)/\d+\]\[Avg\].* ips: ([\d.]+) images/s")
+
+
+def ray_epochs(args: argparse.Namespace, root: Path, out: Path) -> list[float]:
+    settings = [f"Global.dataset_dir={root}", f"Global.output={out}", "Global.mode=train",
+                f"Global.device={args.device}", f"Train.image_size={args.image_size}",
+                f"Train.batch_size={args.batch_size}", f"Train.num_workers={args.workers}",
+                f"Train.epochs_iters={args.epochs}", f"Train.eval_interval={args.epochs}", "Train.warmup_steps=0",
+                f"Train.save_interval={args.epochs}", "Train.pretrain_weight_path=None", "Train.log_interval=1000"]
+    if mlcls(["-c", args.model, *[a for s in settings for a in ("-o", s)]]) != 0:
+        raise SystemExit("the Ray Train run failed")
+    found = _EPOCH_IPS.findall((out / "train.log").read_text())
+    return [float(ips) for epoch, ips in found if int(epoch) > 1]
+
+
+def plain_epochs(args: argparse.Namespace, root: Path) -> list[float]:
+    cfg = load_config(args.model, [f"Train.image_size={args.image_size}"], check_paths=False)
+    with ProblemLog() as problems:
+        names, manifest = read_dataset(str(root), problems)
+    train, val = manifest.select(manifest.rows_of("train.txt")), manifest.select(manifest.rows_of("val.txt"))
+    result = plain_train(model_spec(cfg, len(names)), str(root), train, val, epochs=args.epochs,
+                         batch_size=args.batch_size * args.workers, lr=1e-4, augment=cfg["Train.augment"] or "none",
+                         threads=os.cpu_count())
+    return [len(train) / s for s in result["epoch_seconds"][1:]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18_ML")
+    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32, help="per worker; the plain loop uses workers x this")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", default="bench_data/train_shapes")
+    args = parser.parse_args()
+
+    root = Path(args.data)
+    if not (root / "train.txt").exists():
+        generate(root, args.images, min_size=96, max_size=160)
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
+    plain = plain_epochs(args, root)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
+        ours = ray_epochs(args, root, Path(out))
+    plain += plain_epochs(args, root)
+    best_ours, best_plain = max(ours), max(plain)
+    batch = args.batch_size * args.workers
+    print(f"\n{args.model} at {args.image_size} px, {args.images:,} JPEGs, global batch {batch}, {os.cpu_count()} CPUs")
+    print(f"  Ray Train, {args.workers} worker(s): {best_ours:8.1f} images/s  (epochs: "
+          f"{', '.join(f'{v:.1f}' for v in ours)})")
+    print(f"  plain PyTorch loop, 1 process:      {best_plain:8.1f} images/s  (epochs: "
+          f"{', '.join(f'{v:.1f}' for v in plain)})")
+    print(f"  ratio: {best_ours / best_plain:.2f}x  (target >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
