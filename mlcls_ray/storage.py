@@ -114,6 +114,13 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute, an ``s3://`` URI unchanged: what to hand to Ray workers, whose working folder
+    is not the driver's."""
+    uri = str(uri)
+    return uri if is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join relative path parts onto a URI, keeping its scheme. An absolute part is refused, not allowed to win."""
     uri = str(uri)

@@ -118,7 +118,7 @@ def run_evaluate(cfg: Config) -> int:
 
 
 def _evaluate(cfg: Config, output: str) -> int:
-    weights = cfg["Evaluate.weight_path"] or storage.join(output, "best_model")
+    weights = storage.absolute(cfg["Evaluate.weight_path"] or storage.join(output, "best_model"))
     info = model_dir.read_info(weights)
     root = cfg["Global.dataset_dir"].rstrip("/")
     with ProblemLog() as problems:

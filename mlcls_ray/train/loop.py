@@ -147,7 +147,8 @@ def train_fn(config: dict) -> None:
         start_epoch, step, best, history = state["epoch"], state["step"], state["best"], state["history"]
         torch.set_rng_state(state["rng"])
         scheduler.step_update(step)
-    ddp_model = ray.train.torch.prepare_model(model)  # [ray] DDP when there is more than one worker
+    ddp_model = ray.train.torch.prepare_model(  # [ray] DDP when there is more than one worker
+        model, parallel_strategy_kwargs={"gradient_as_bucket_view": True, "static_graph": True})
 
     log = RunLog(config["output"], config["run_name"]) if rank == 0 else None
     if log is not None:

@@ -148,7 +148,7 @@ def _worker_env() -> dict[str, str]:
 
 def run_train(cfg: Config) -> int:
     """Train; returns the exit code. Any failure also leaves PaddleX's ``done_flag: false`` record."""
-    output = cfg["Global.output"]
+    output = storage.absolute(cfg["Global.output"])  # rank 0 writes here, from its own working folder
     try:
         return _train(cfg, output)
     except Exception as exc:

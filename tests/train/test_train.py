@@ -65,9 +65,10 @@ def test_two_workers_match_a_plain_loop_on_two_cpus(quadrants, tmp_path):
     assert abs(ray_map - plain) < 0.02, (ray_map, plain)
 
 
-def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadrants, tmp_path):
+def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadrants, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative Global.output means the driver's folder, not a Ray worker's
     out = tmp_path / "out"
-    assert _train(str(quadrants), str(out), "Train.epochs_iters=2", "Train.save_interval=1") == 0
+    assert _train(str(quadrants), "out", "Train.epochs_iters=2", "Train.save_interval=1") == 0
     result = _result(str(out))
     assert result["done_flag"] is True and result["model_name"] == _MODEL
     best = result["models"]["best"]
@@ -81,7 +82,7 @@ def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadran
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
     assert main(["-c", _MODEL, "-o", "Global.mode=evaluate", "-o", f"Global.dataset_dir={quadrants}",
-                 "-o", f"Global.output={out}", "-o", "Global.device=cpu"]) == 0
+                 "-o", "Global.output=out", "-o", "Global.device=cpu"]) == 0
     evaluated = _result(str(out), "evaluate_result.json")
     assert evaluated["done_flag"] is True and evaluated["images"] == 128
     assert evaluated["metrics"]["MultiLabelMAP"] == pytest.approx(best["score"], abs=1e-4)
