@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 
 from mlcls_ray import storage
 from mlcls_ray.errors import root_cause
 
-__all__ = ["EVALUATE_RESULT", "LABEL_DICT", "TRAIN_RESULT", "train_result", "write_failure", "write_result"]
+__all__ = ["EVALUATE_RESULT", "LABEL_DICT", "TRAIN_RESULT", "failure_recorded", "train_result", "write_result"]
 
 TRAIN_RESULT = "train_result.json"
 EVALUATE_RESULT = "evaluate_result.json"
@@ -27,10 +28,17 @@ def write_result(output: str, name: str, result: dict) -> str:
     return uri
 
 
-def write_failure(output: str, name: str, exc: BaseException) -> None:
-    """PaddleX's failure record; a storage error while writing it must not hide the original failure."""
-    with contextlib.suppress(storage.StorageError):
-        write_result(output, name, {"done_flag": False, "err_type": type(exc).__name__, "err_msg": root_cause(exc)})
+@contextlib.contextmanager
+def failure_recorded(output: str, name: str) -> Iterator[None]:
+    """Run a mode; if it raises, leave PaddleX's failure record in ``name`` so tools that poll the file see the run
+    ended, and re-raise. A storage error while writing the record must not hide the original failure."""
+    try:
+        yield
+    except Exception as exc:
+        with contextlib.suppress(storage.StorageError):
+            write_result(output, name, {"done_flag": False, "err_type": type(exc).__name__,
+                                        "err_msg": root_cause(exc)})
+        raise
 
 
 def train_result(model_name: str, best: dict | None, checkpoints: list[dict], done: bool) -> dict:

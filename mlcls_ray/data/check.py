@@ -6,8 +6,6 @@ numbered ``.bak`` files. Checking itself never modifies the dataset.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -15,7 +13,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from mlcls_ray import storage
+from mlcls_ray import results, storage
 from mlcls_ray.config import Config
 from mlcls_ray.data import report
 from mlcls_ray.data.convert import convert_coco
@@ -134,22 +132,15 @@ def _write_result(root: str, output: str, problems: ProblemLog, attributes: dict
         "errors_file": ERRORS_FILE,
         "errors": first,
     }
-    storage.write_text(storage.join(output, RESULT_FILE), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    results.write_result(output, RESULT_FILE, result)
     return result
 
 
 def run_check_dataset(cfg: Config) -> int:
     """``Global.mode=check_dataset``: optional COCO conversion and split, then the full check. Returns the exit code."""
     root, output = cfg["Global.dataset_dir"].rstrip("/"), cfg["Global.output"]
-    with ProblemLog() as problems:
-        try:
-            return _run(cfg, root, output, problems)
-        except Exception as exc:
-            # PaddleX's failure record, so tools that poll the result file see the run ended
-            failure = {"done_flag": False, "err_type": type(exc).__name__, "err_msg": str(exc)}
-            with contextlib.suppress(storage.StorageError):
-                storage.write_text(storage.join(output, RESULT_FILE), json.dumps(failure, indent=2) + "\n")
-            raise
+    with ProblemLog() as problems, results.failure_recorded(output, RESULT_FILE):
+        return _run(cfg, root, output, problems)
 
 
 def _run(cfg: Config, root: str, output: str, problems: ProblemLog) -> int:

@@ -109,12 +109,8 @@ def _actors(cfg: Config) -> dict:
 def run_evaluate(cfg: Config) -> int:
     """Evaluate; returns the exit code. A failure leaves PaddleX's ``done_flag: false`` record."""
     output = cfg["Global.output"]
-    try:
+    with results.failure_recorded(output, results.EVALUATE_RESULT):
         return _evaluate(cfg, output)
-    except Exception as exc:
-
-        results.write_failure(output, results.EVALUATE_RESULT, exc)
-        raise
 
 
 def _evaluate(cfg: Config, output: str) -> int:

@@ -149,11 +149,8 @@ def _worker_env() -> dict[str, str]:
 def run_train(cfg: Config) -> int:
     """Train; returns the exit code. Any failure also leaves PaddleX's ``done_flag: false`` record."""
     output = storage.absolute(cfg["Global.output"])  # rank 0 writes here, from its own working folder
-    try:
+    with results.failure_recorded(output, results.TRAIN_RESULT):
         return _train(cfg, output)
-    except Exception as exc:
-        results.write_failure(output, results.TRAIN_RESULT, exc)
-        raise
 
 
 def _train(cfg: Config, output: str) -> int:
