@@ -119,7 +119,12 @@ class MLClassifier(nn.Module):
         return f.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tokens(x))
+        tokens = self.tokens(x)
+        if self.training:
+            return self.head(tokens)
+        # scoring: the head in fp32 under any autocast, since bf16 logits tie and shift mAP and thresholds
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(tokens.float())
 
 
 def _backbone_kwargs(spec: ModelSpec) -> dict:

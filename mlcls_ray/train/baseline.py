@@ -12,7 +12,6 @@ import time
 import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 
 from mlcls_ray import storage
 from mlcls_ray.data.images import decode_image
@@ -21,6 +20,7 @@ from mlcls_ray.data.transforms import TrainAugment, resize_square, to_model_inpu
 from mlcls_ray.metrics import mean_average_precision
 from mlcls_ray.models.loss import build_loss
 from mlcls_ray.models.zoo import ModelSpec, build_model
+from mlcls_ray.train.loop import cosine_schedule
 
 __all__ = ["plain_train"]
 
@@ -43,8 +43,7 @@ def plain_train(spec: ModelSpec, root: str, train: Manifest, val: Manifest, *, e
     optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
     paths, labels = train.paths.to_pylist(), train.labels(np.arange(len(train)))
     steps = int(np.ceil(len(paths) / batch_size))
-    scheduler = CosineLRScheduler(optimizer, t_initial=epochs * steps, lr_min=1e-10, warmup_t=warmup_epochs * steps,
-                                  warmup_lr_init=1e-6, t_in_epochs=False)
+    scheduler = cosine_schedule(optimizer, epochs, steps, warmup_epochs)
     criterion, transform = build_loss(loss), TrainAugment(augment, spec.image_size)
     step, started, epoch_seconds = 0, time.perf_counter(), []
     for _ in range(epochs):

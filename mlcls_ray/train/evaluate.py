@@ -7,6 +7,7 @@ micro/macro precision, recall and F1 at 0.5 and at the folder's calibrated thres
 from __future__ import annotations
 
 import io
+import os
 import sys
 
 import matplotlib
@@ -84,7 +85,7 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, names: list[str], threshold
     """The metrics of ``evaluate_result.json`` from fp32 logits ``[N, C]`` and labels ``[N, C]``; also returns
     the probabilities ``[N, C]`` and per-class AP ``[C]`` (NaN for classes without positives)."""
     ap = average_precision(logits, labels)
-    probs = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+    probs = torch.from_numpy(logits).sigmoid().numpy()  # float32
     empty = [names[c] for c in np.flatnonzero(np.isnan(ap))]
     return {
         "MultiLabelMAP": float(np.nanmean(ap)) if len(empty) < len(names) else None,
@@ -99,9 +100,12 @@ def _actors(cfg: Config) -> dict:
     device = cfg["Global.device"]
     if device.startswith("gpu"):
         gpus = len(device.split(":", 1)[1].split(",")) if ":" in device else 1
+        if ray.cluster_resources().get("GPU", 0) < 1 and not os.environ.get("RAY_ADDRESS"):
+            raise ValueError(f"Global.device={device}, but this Ray has no GPU; use -o Global.device=cpu")
         return {"compute": ActorPoolStrategy(size=gpus), "num_gpus": 1, "fn_constructor_kwargs": {"threads": 1,
                                                                                                   "device": "cuda"}}
-    threads = max(1, int(ray.cluster_resources().get("CPU", 2)) // 2)  # the other half decodes
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=2)
+    threads = max(1, int(node_cpus) // 2)  # one node's CPUs, half of them: the other half decodes
     return {"compute": ActorPoolStrategy(size=1), "num_cpus": threads,
             "fn_constructor_kwargs": {"threads": threads, "device": "cpu"}}
 

@@ -28,11 +28,20 @@ from mlcls_ray.models.loss import build_loss
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.train.progress import RunLog, hms
 
-__all__ = ["STATE_FILE", "load_state", "train_fn"]
+__all__ = ["STATE_FILE", "cosine_schedule", "load_state", "train_fn"]
 
 STATE_FILE = "state.pt"
 _WARMUP_LR = 1e-6  # PaddleX: linear warm-up from 1e-6
 _MIN_LR = 1e-10  # PaddleX's cosine eta_min
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, steps: int, warmup_epochs: int
+                    ) -> CosineLRScheduler:
+    """PaddleX's schedule, stepped per iteration: linear warm-up from 1e-6 over ``warmup_epochs``, then a cosine
+    from the base rate to 1e-10 over the remaining epochs (the cosine starts after the warm-up, not under it)."""
+    warmup = min(warmup_epochs, epochs - 1) * steps
+    return CosineLRScheduler(optimizer, t_initial=max(1, epochs * steps - warmup), lr_min=_MIN_LR, warmup_t=warmup,
+                             warmup_lr_init=_WARMUP_LR, warmup_prefix=True, t_in_epochs=False)
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -50,23 +59,23 @@ def load_state(uri: str) -> dict:
                       weights_only=True)
 
 
-def _gather_rows(local: np.ndarray) -> np.ndarray | None:
-    """Concatenate every rank's rows on rank 0 (None elsewhere); shards may differ in length, padding is trimmed."""
+def _gather_rows(local: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarray | None:
+    """Concatenate every rank's rows on rank 0 (None elsewhere); shards may differ in length, padding is trimmed.
+
+    It runs on CPU tensors over a gloo ``group``, so val scores never take GPU memory from the model."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    n = torch.tensor([local.shape[0]], device=device)
+    n = torch.tensor([local.shape[0]])
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    padded = torch.zeros((int(max(sizes)), *local.shape[1:]), dtype=torch.from_numpy(local[:0]).dtype,
-                         device=device)
+    dist.all_gather(sizes, n, group=group)
+    padded = torch.zeros((int(max(sizes)), *local.shape[1:]), dtype=torch.from_numpy(local[:0]).dtype)
     padded[:len(local)] = torch.from_numpy(local)
     rank0 = dist.get_rank() == 0
     out = [torch.empty_like(padded) for _ in sizes] if rank0 else None
-    dist.gather(padded, out, dst=0)
+    dist.gather(padded, out, dst=0, group=group)
     if not rank0:
         return None
-    return np.concatenate([o[:int(s)].cpu().numpy() for o, s in zip(out, sizes)])
+    return np.concatenate([o[:int(s)].numpy() for o, s in zip(out, sizes)])
 
 
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
@@ -112,7 +121,7 @@ def train_fn(config: dict) -> None:
     spec = ModelSpec.from_dict(config["spec"])
     device = ray.train.torch.get_device()  # [ray]
     torch.set_num_threads(config["threads"])
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config["seed"])  # the same initial weights on every rank
     channels_last = device.type == "cuda"
     amp = _amp_dtype(device)
 
@@ -122,9 +131,7 @@ def train_fn(config: dict) -> None:
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = create_optimizer_v2(model, "adamw", lr=config["lr"], weight_decay=config["weight_decay"])
     epochs, steps = config["epochs"], config["steps_per_epoch"]
-    scheduler = CosineLRScheduler(optimizer, t_initial=epochs * steps, lr_min=_MIN_LR,
-                                  warmup_t=config["warmup_epochs"] * steps, warmup_lr_init=_WARMUP_LR,
-                                  t_in_epochs=False)
+    scheduler = cosine_schedule(optimizer, epochs, steps, config["warmup_epochs"])
     ema = ModelEmaV3(model, decay=config["ema_decay"], use_warmup=True) if config["ema_decay"] > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     criterion = build_loss(config["loss"])
@@ -145,10 +152,11 @@ def train_fn(config: dict) -> None:
             ema.load_state_dict(state["ema"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, step, best, history = state["epoch"], state["step"], state["best"], state["history"]
-        torch.set_rng_state(state["rng"])
         scheduler.step_update(step)
+    best = _best_on_disk(config["output"], best, config["run_name"], resumed=resume_from is not None)
     ddp_model = ray.train.torch.prepare_model(  # [ray] DDP when there is more than one worker
         model, parallel_strategy_kwargs={"gradient_as_bucket_view": True, "static_graph": True})
+    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None  # val gathers on CPU
 
     log = RunLog(config["output"], config["run_name"]) if rank == 0 else None
     if log is not None:
@@ -158,11 +166,12 @@ def train_fn(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")  # [ray] this worker's share of the stream
     val_shard = ray.train.get_dataset_shard("val")  # [ray]
     for epoch in range(start_epoch, epochs):
+        torch.manual_seed(config["seed"] + 1000 * epoch + rank)  # dropout masks differ by rank; a resume replays
         ddp_model.train()
         started, seen, loss_sum = time.monotonic(), 0, torch.zeros((), device=device)
         batches = train_shard.iter_torch_batches(  # [ray]
             batch_size=config["batch_size"], dtypes={"image": torch.uint8, "labels": torch.float32}, device=device,
-            prefetch_batches=2, local_shuffle_buffer_size=4 * config["batch_size"])
+            prefetch_batches=4, pin_memory=device.type == "cuda", local_shuffle_buffer_size=4 * config["batch_size"])
         for i, batch in enumerate(batches):
             x = to_model_input(batch["image"], spec.mean, spec.std, channels_last)  # [B, 3, S, S]
             y = batch["labels"]  # [B, C]
@@ -193,8 +202,8 @@ def train_fn(config: dict) -> None:
         if (epoch + 1) % config["eval_interval"] == 0 or last:
             models = [model] + ([ema.module] if ema is not None else [])
             local_logits, local_labels = _score(models, val_shard, spec, device, config["batch_size"], amp)
-            gathered = [_gather_rows(lg) for lg in local_logits]
-            labels = _gather_rows(local_labels)
+            gathered = [_gather_rows(lg, cpu_group) for lg in local_logits]
+            labels = _gather_rows(local_labels, cpu_group)
             if rank == 0:
                 best = _evaluate(config, spec, record, gathered, labels, models, best, log)
         history.append(record)
@@ -215,8 +224,7 @@ def train_fn(config: dict) -> None:
             saved = Path(tempfile.mkdtemp(prefix="mlcls-ckpt-"))
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
-                        "epoch": epoch + 1, "step": step, "best": best, "history": history,
-                        "rng": torch.get_rng_state()}, saved / STATE_FILE)
+                        "epoch": epoch + 1, "step": step, "best": best, "history": history}, saved / STATE_FILE)
         metrics = dict(record)  # small: Ray logs every report
         metrics.update({"score": record.get("score"), "best": best})
         ray.train.report(  # [ray] a barrier: every rank, every epoch; rank 0 attaches the checkpoint
@@ -226,6 +234,20 @@ def train_fn(config: dict) -> None:
             shutil.rmtree(saved, ignore_errors=True)
     if log is not None:
         log.close()
+
+
+def _best_on_disk(output: str, best: dict | None, run_name: str, resumed: bool) -> dict | None:
+    """The better of the checkpoint's best and the best_model/ on disk, when that model belongs to this run or the
+    one resumed: a group restarted after writing a new best but before its checkpoint was registered starts from an
+    older best (or none), and must not replace the newer model with a worse one. A new run starts afresh."""
+    try:
+        on_disk = model_dir.read_info(storage.join(output, "best_model")).extra
+    except ValueError:
+        return best
+    ours = on_disk.get("run") == run_name or resumed
+    if ours and "score" in on_disk and (best is None or on_disk["score"] > best["score"]):
+        return {k: on_disk[k] for k in ("score", "epoch", "weights", "run") if k in on_disk}
+    return best
 
 
 def _evaluate(config: dict, spec: ModelSpec, record: dict, logits: list[np.ndarray], labels: np.ndarray,
@@ -243,9 +265,9 @@ def _evaluate(config: dict, spec: ModelSpec, record: dict, logits: list[np.ndarr
     log(line + f" over {len(labels):,} val images")
     if np.isnan(maps[pick]) or (best is not None and maps[pick] <= best["score"]):
         return best
-    probs = 1.0 / (1.0 + np.exp(-logits[pick].astype(np.float64)))
-    thresholds = calibrate_thresholds(probs.astype(np.float32), labels)
-    best = {"score": float(maps[pick]), "epoch": record["epoch"], "weights": which}
+    probs = torch.from_numpy(logits[pick]).sigmoid_().numpy()  # in place, float32
+    thresholds = calibrate_thresholds(probs, labels)
+    best = {"score": float(maps[pick]), "epoch": record["epoch"], "weights": which, "run": config["run_name"]}
     model_dir.save(storage.join(config["output"], "best_model"), spec, models[pick].state_dict(),
                    config["label_names"], thresholds, extra=best)
     log(f"[Eval][Epoch {record['epoch']}] new best model ({which} weights, mAP {maps[pick]:.5f}) saved to "

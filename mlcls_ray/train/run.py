@@ -64,10 +64,12 @@ def _scaling(cfg: Config) -> tuple[ScalingConfig, int]:
             raise TrainSetupError(message)
         print(f"mlcls: {message}; waiting for the autoscaler to add GPU nodes", file=sys.stderr)
     per_worker = cfg["Train.cpus_per_worker"] or (1.0 if use_gpu else cpus / 2 / workers)
-    if workers * per_worker > cpus - 1 + 1e-9:
-        raise TrainSetupError(
-            f"Train.num_workers={workers} x Train.cpus_per_worker={per_worker:g} reserves {workers * per_worker:g} "
-            f"of the cluster's {cpus:g} CPUs and leaves less than 1 to decode images; lower one of them")
+    if not use_gpu and workers * per_worker > cpus - 1 + 1e-9:
+        message = (f"Train.num_workers={workers} x Train.cpus_per_worker={per_worker:g} reserves "
+                   f"{workers * per_worker:g} of the cluster's {cpus:g} CPUs and leaves less than 1 to decode images")
+        if not os.environ.get("RAY_ADDRESS"):
+            raise TrainSetupError(message + "; lower one of them")
+        print(f"mlcls: {message}; waiting for the autoscaler to add CPU nodes", file=sys.stderr)
     resources = {"CPU": per_worker, **({"GPU": 1} if use_gpu else {})}
     threads = max(1, round(per_worker))
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), threads
@@ -163,6 +165,10 @@ def _train(cfg: Config, output: str) -> int:
     spec = model_spec(cfg, len(names))
     scaling, threads = _scaling(cfg)
     resume = _resume_source(cfg)
+    done = int(resume.rstrip("/").rsplit("epoch_", 1)[1]) if resume and resume.rstrip("/")[-1].isdigit() else 0
+    if done >= cfg["Train.epochs_iters"]:
+        raise TrainSetupError(f"Train.resume_path: {resume} has trained {done} epochs and Train.epochs_iters is "
+                              f"{cfg['Train.epochs_iters']}; raise Train.epochs_iters to train on")
     init_weights = None
     if resume is None and cfg["Train.pretrain_weight_path"] is not None:
         model, notes = build_model(spec, cfg["Train.pretrain_weight_path"])  # on the driver: one fetch, one error

@@ -208,3 +208,16 @@ def test_unknown_hub_tag_lists_the_available_tags():
     assert "'not_a_tag' is not a pretrained tag of resnet18" in msg
     for name in timm.list_pretrained("resnet18.*"):
         assert name.split(".", 1)[1] in msg
+
+
+def test_eval_scores_in_fp32_under_bf16_autocast():
+    """bf16 logits tie (about 80 distinct values in 256 rows) and shift mAP; in eval the head runs in fp32."""
+    spec = ModelSpec.create(name="t", backbone="test_resnet", tap="features", num_classes=3, image_size=32,
+                            embed_dim=32, ffn_dim=64, num_heads=2)
+    model, _ = build_model(spec)
+    model.eval()
+    x = torch.randn(256, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.float32
+    assert all(len(torch.unique(logits[:, c])) > 200 for c in range(3))

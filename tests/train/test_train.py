@@ -105,13 +105,18 @@ def _train_workers() -> list[psutil.Process]:
 
 def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(quadrants, tmp_path):
     out = tmp_path / "out"
-    killed = []
+    killed, scores = [], []
 
     def kill_after_first_checkpoint():
-        # epoch_2 being written means epoch_1 was registered: reports are barriers, in order
+        # Ray registers a reported checkpoint asynchronously; its run snapshot naming one means it was registered
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not list(out.glob("checkpoints/*/epoch_2")):
+        while time.monotonic() < deadline:
+            snapshots = list(out.glob("checkpoints/*/checkpoint_manager_snapshot.json"))
+            if snapshots and "epoch_1" in snapshots[0].read_text():
+                break
             time.sleep(0.1)
+        best_before = json.loads((out / "train_result.json").read_text())["models"]["best"]["score"]
+        scores.append(best_before)
         workers = _train_workers()
         if workers:
             os.kill(workers[-1].pid, signal.SIGKILL)
@@ -126,7 +131,8 @@ def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(quadrants
     restart = log.index("resumed from its latest checkpoint")
     assert "epochs 1-" not in log[restart - 200:restart]  # it went on from a saved epoch, not from scratch
     assert "[Train][Epoch 5/5][Avg]" in log[restart:]
-    assert _result(str(out))["done_flag"] is True
+    result = _result(str(out))
+    assert result["done_flag"] is True and result["models"]["best"]["score"] >= scores[0]  # never a worse model
 
 
 def test_resume_path_latest_continues_a_finished_run(quadrants, tmp_path):
@@ -140,6 +146,9 @@ def test_resume_path_latest_continues_a_finished_run(quadrants, tmp_path):
     assert "[Train][Epoch 1/1][Avg]" in log  # the first run's lines are kept...
     assert "[Train][Epoch 1/2]" not in log and "[Train][Epoch 2/2][Avg]" in log  # ...and epoch 1 is not retrained
     assert latest_checkpoint(str(out)).endswith("epoch_2")
+    assert _train(str(quadrants), str(out), "Train.epochs_iters=2", "Train.resume_path=latest") == 1  # nothing to do
+    assert _result(str(out))["err_msg"].endswith("has trained 2 epochs and Train.epochs_iters is 2; raise "
+                                                 "Train.epochs_iters to train on")
 
 
 def test_resume_path_that_is_not_a_checkpoint_is_a_clear_error(quadrants, tmp_path, capsys):

@@ -1,0 +1,32 @@
+"""The learning-rate schedule: PaddleX's linear warm-up, then a cosine over the epochs that remain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlcls_ray.train.loop import cosine_schedule
+
+
+def _rates(epochs: int, steps: int, warmup: int, base: float = 1e-3) -> list[float]:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    schedule = cosine_schedule(optimizer, epochs, steps, warmup)
+    rates = []
+    for step in range(epochs * steps + 1):
+        schedule.step_update(step)
+        rates.append(optimizer.param_groups[0]["lr"])
+    return rates
+
+
+def test_warm_up_reaches_the_base_rate_then_the_cosine_decays_from_it():
+    rates = _rates(epochs=20, steps=10, warmup=5)
+    assert rates[0] == pytest.approx(1e-6)
+    assert rates[50] == pytest.approx(1e-3)  # the end of warm-up is the peak, not 0.85x of it
+    assert rates[50 + 75] == pytest.approx(0.5e-3, rel=1e-3)  # half-way through the 15 cosine epochs
+    assert rates[-1] == pytest.approx(1e-10, abs=1e-9)
+    assert all(a >= b for a, b in zip(rates[50:], rates[51:]))
+
+
+def test_warm_up_longer_than_the_run_still_decays():
+    rates = _rates(epochs=2, steps=5, warmup=5)
+    assert max(rates) == pytest.approx(1e-3) and rates[-1] < 1e-6
