@@ -20,7 +20,8 @@ import yaml
 from mlcls_ray import storage
 from mlcls_ray.data.images import MAX_PIXELS_CEILING
 
-__all__ = ["SCHEMA", "Config", "ConfigError", "Key", "list_presets", "load_config", "parse_override"]
+__all__ = ["SCHEMA", "Config", "ConfigError", "Key", "device_count", "list_presets", "load_config",
+           "parse_override"]
 
 MODES = ("check_dataset", "train", "evaluate")  # later issues add export, predict, label, serve
 _GENERIC = "_timm_ML"  # the recipe of any timm backbone named as `-c <timm_name>_ML`
@@ -136,6 +137,11 @@ class Config:
         if self.overrides:
             header += "; overrides: " + ", ".join(f"{k}={v!r}" for k, v in self.overrides.items())
         return header + "\n" + yaml.safe_dump(nested, sort_keys=False)
+
+
+def device_count(device: str) -> int:
+    """Devices a ``Global.device`` value names: ``gpu:0,1`` is 2; ``gpu`` and ``cpu`` are 1."""
+    return len(device.split(":", 1)[1].split(",")) if ":" in device else 1
 
 
 def list_presets() -> list[str]:

@@ -49,3 +49,11 @@ def test_every_shipped_yaml_loads(name):
     cfg = load_config(name, check_paths=False)
     assert set(cfg.values) == set(SCHEMA) and cfg["Global.model"] == name and cfg.warnings == []
     assert cfg["Train.augment"] == "ml_decoder" and cfg["Global.mode"] == "check_dataset"
+
+
+@pytest.mark.parametrize(("device", "count"), [("cpu", 1), ("gpu", 1), ("gpu:3", 1), ("gpu:0,1", 2),
+                                               ("gpu:0,1,2,3", 4)])
+def test_paddlex_device_names_count_their_devices(device, count):
+    from mlcls_ray.config import device_count
+
+    assert device_count(device) == count

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from ray.data import ActorPoolStrategy  # noqa: E402
 
 from mlcls_ray import model_dir, results, storage  # noqa: E402
-from mlcls_ray.config import Config  # noqa: E402
+from mlcls_ray.config import Config, device_count  # noqa: E402
 from mlcls_ray.data.mlcls_format import drop_duplicates, read_dataset  # noqa: E402
 from mlcls_ray.data.pipeline import read_images  # noqa: E402
 from mlcls_ray.data.problems import ProblemLog  # noqa: E402
@@ -99,7 +99,7 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, names: list[str], threshold
 def _actors(cfg: Config) -> dict:
     device = cfg["Global.device"]
     if device.startswith("gpu"):
-        gpus = len(device.split(":", 1)[1].split(",")) if ":" in device else 1
+        gpus = device_count(device)
         if ray.cluster_resources().get("GPU", 0) < 1 and not os.environ.get("RAY_ADDRESS"):
             raise ValueError(f"Global.device={device}, but this Ray has no GPU; use -o Global.device=cpu")
         return {"compute": ActorPoolStrategy(size=gpus), "num_gpus": 1, "fn_constructor_kwargs": {"threads": 1,

@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from mlcls_ray import results, storage
-from mlcls_ray.config import Config
+from mlcls_ray.config import Config, device_count
 from mlcls_ray.data.mlcls_format import LABEL_FILE, drop_duplicates, format_label_file, read_dataset
 from mlcls_ray.data.problems import ProblemLog
 from mlcls_ray.models.zoo import ModelSpec, build_model
@@ -55,7 +55,7 @@ def _scaling(cfg: Config) -> tuple[ScalingConfig, int]:
     """
     device = cfg["Global.device"]
     use_gpu = device.startswith("gpu")
-    workers = cfg["Train.num_workers"] or (len(device.split(":", 1)[1].split(",")) if ":" in device else 1)
+    workers = cfg["Train.num_workers"] or device_count(device)
     cpus, gpus = (float(ray.cluster_resources().get(k, 0)) for k in ("CPU", "GPU"))
     if use_gpu and gpus < workers:
         message = (f"Global.device={device} asks for {workers} GPU worker(s), but the Ray cluster has {gpus:g} GPU(s); "
