@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
@@ -111,6 +112,10 @@ def _read_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, root: str, im
     return out
 
 
+def _permute_rows(block: pa.Table) -> pa.Table:
+    return block.take(np.random.default_rng().permutation(block.num_rows))
+
+
 def _rows_per_block(rows: int) -> int:
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     return min(_MAX_ROWS, max(_MIN_ROWS, math.ceil(rows / (cpus * _BLOCKS_PER_CPU))))
@@ -129,8 +134,8 @@ def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes",
         max_pixels: images with more pixels are refused before decoding.
         max_file_bytes: files larger than this are refused before reading.
         batch_size: images decoded per batch; it bounds a task's memory (batch x decoded image size).
-        shuffle: visit the manifest's blocks in a new random order on every pass (an epoch); only block
-            references move, no image.
+        shuffle: on every pass (an epoch), visit the manifest's blocks in a new random order and each block's
+            rows in a new random order; only manifest rows move (at most 10,000 per block), no image.
 
     Returns:
         A dataset with one row per manifest row: ``index`` (the manifest row), ``path``, ``labels`` (``[C]``
@@ -141,7 +146,7 @@ def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes",
     blocks = manifest.to_blocks(_rows_per_block(len(manifest)))
     rows = ray.data.from_arrow(blocks)
     if shuffle:
-        rows = rows.randomize_block_order()
+        rows = rows.randomize_block_order().map_batches(_permute_rows, batch_size=None, batch_format="pyarrow")
     return rows.map_batches(
         _read_batch,
         fn_kwargs={"fs": fs, "root": fs_root.rstrip("/"), "image": image, "num_classes": manifest.num_classes,

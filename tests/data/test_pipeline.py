@@ -6,6 +6,7 @@ import pytest
 from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.mlcls_format import read_dataset
 from mlcls_ray.data.pipeline import _rows_per_block, read_images
+from mlcls_ray.data.problems import ProblemLog
 from tests.helpers import make_mlcls, upload_tree, write_image
 
 NAMES = ["cat", "dog", "bird"]
@@ -61,3 +62,18 @@ def test_the_same_rows_come_from_s3(ray_start_2_cpus, dataset, s3_bucket):
 def test_100m_images_plan_thousands_of_blocks_not_millions(ray_start_2_cpus):
     assert 100_000_000 / _rows_per_block(100_000_000) == 10_000
     assert _rows_per_block(2_000) == 250  # 8 blocks over 2 CPUs: enough to balance the load
+
+
+def test_shuffle_visits_rows_in_a_new_order_every_pass(ray_start_2_cpus, tmp_path):
+    """Not only blocks: rows inside a block are reordered too, and every row still comes exactly once."""
+    rows = [(f"images/{i}.png", [1, 0, 0]) for i in range(200)]
+    root = make_mlcls(tmp_path / "ds", NAMES, train=rows, val=rows[:1], make_images=False)
+    with ProblemLog() as problems:
+        _, manifest = read_dataset(str(root), problems, files=("train.txt",))
+    ds = read_images(manifest, str(root), image="none", shuffle=True)  # every file is missing: no decode cost
+    orders = [[int(i) for i in ds.to_pandas()["index"]] for _ in range(2)]
+    for order in orders:
+        assert sorted(order) == list(range(200))
+        runs = sum(b == a + 1 for a, b in zip(order, order[1:]))
+        assert runs < 100, runs  # block order alone would leave about 199 of 199 neighbours in sequence
+    assert orders[0] != orders[1]
