@@ -208,7 +208,7 @@ def train_fn(config: dict) -> None:
                 best = _evaluate(config, spec, record, gathered, labels, models, best, log)
         history.append(record)
         if log is not None:
-            remaining = (epochs - epoch - 1) * seconds
+            remaining = (epochs - epoch - 1) * (time.monotonic() - started)  # evaluation included
             log(f"[Train][Epoch {epoch + 1}/{epochs}][Avg] loss: {record['loss']:.5f}, lr: {record['lr']:.3g}, "
                 f"ips: {record['images_per_s']:.1f} images/s, elapsed: {hms(log.elapsed())}, ETA: {hms(remaining)}")
             log.tb.add_scalar("train/loss", record["loss"], epoch + 1)

@@ -1,7 +1,8 @@
 """What rank 0 tells people while training runs: console lines, ``train.log``, TensorBoard files and ``curves.png``.
 
-Everything is written under ``Global.output`` (local or ``s3://``) at the end of each epoch, so a run that dies
-leaves its log up to the last finished epoch. TensorBoard events are written to a local folder and copied up.
+Everything is written under ``Global.output`` (local or ``s3://``) at the end of each epoch, and ``train.log`` also
+once a minute while lines come, so a run that dies leaves its log up to its last minute. TensorBoard events are
+written to a local folder and copied up.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = ["LOG_FILE", "CURVES_FILE", "TENSORBOARD_DIR", "RunLog", "curves_png",
 LOG_FILE = "train.log"
 CURVES_FILE = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
+_LOG_EVERY_S = 60  # train.log is rewritten at least this often while lines come, and at every epoch's end
 
 
 def hms(seconds: float) -> str:
@@ -58,6 +60,7 @@ class RunLog:
 
     def __init__(self, output: str, run_name: str):
         self.output, self.started = output, time.monotonic()
+        self._written = self.started
         log_uri = storage.join(output, LOG_FILE)
         self.lines = [storage.read_text(log_uri).rstrip("\n")] if storage.exists(log_uri) else []
         self._tb_local = tempfile.mkdtemp(prefix="mlcls-tb-")
@@ -69,13 +72,19 @@ class RunLog:
         sys.stdout.write(stamped + "\n")  # not print(): Ray Train patches it into a logger and lines come twice
         sys.stdout.flush()
         self.lines.append(stamped)
+        if time.monotonic() - self._written > _LOG_EVERY_S:  # long epochs: the log still moves
+            self._write_log()
+
+    def _write_log(self) -> None:
+        storage.write_text(storage.join(self.output, LOG_FILE), "\n".join(self.lines) + "\n")
+        self._written = time.monotonic()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
     def flush(self, history: list[dict]) -> None:
         """Write train.log, curves.png and the TensorBoard files to the output."""
-        storage.write_text(storage.join(self.output, LOG_FILE), "\n".join(self.lines) + "\n")
+        self._write_log()
         if history:
             storage.write_bytes(storage.join(self.output, CURVES_FILE), curves_png(history))
         self.tb.flush()
