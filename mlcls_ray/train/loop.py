@@ -7,6 +7,7 @@ PyTorch loop. Rank 0 alone writes files (checkpoints, ``best_model/``, logs); ev
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -17,6 +18,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train.v2._internal.execution import context as train_context
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -118,6 +120,9 @@ def train_fn(config: dict) -> None:
     """One Train worker. ``config`` is built by :func:`mlcls_ray.train.run.run_train`."""
     ctx = ray.train.get_context()  # [ray]
     rank = ctx.get_world_rank()
+    # Ray 2.60 logs every report with all its metrics, per rank, under a logger named by its file path; our
+    # per-epoch lines say the same once
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     spec = ModelSpec.from_dict(config["spec"])
     device = ray.train.torch.get_device()  # [ray]
     torch.set_num_threads(config["threads"])
