@@ -7,6 +7,7 @@ PyTorch loop. Rank 0 alone writes files (checkpoints, ``best_model/``, logs); ev
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import tempfile
@@ -55,8 +56,6 @@ def _amp_dtype(device: torch.device) -> torch.dtype | None:
 
 def load_state(uri: str) -> dict:
     """A checkpoint's training state; ``uri`` is the checkpoint folder (local or ``s3://``)."""
-    import io
-
     return torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE_FILE))), map_location="cpu",
                       weights_only=True)
 
