@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from mlcls_ray.data.manifest import Manifest  # noqa: E402
 
-__all__ = ["SizeStats", "cooccurrence_png", "demo_image_jpeg", "histogram_png", "label_stats"]
+__all__ = ["SizeStats", "cooccurrence_png", "demo_image_jpeg", "figure_png", "histogram_png", "label_stats"]
 
 _DEMO_MIN_WIDTH = 256  # demo images of tiny datasets are upscaled so their label strip stays readable
 _DEMO_MAX_SIDE = 2048  # and large or extreme ones shrunk to this
@@ -23,9 +23,10 @@ HISTOGRAM_CLASSES = 150  # bars drawn at most
 HEATMAP_CLASSES = 60  # rows and columns drawn at most
 
 
-def _png(fig: plt.Figure) -> bytes:
+def figure_png(fig: plt.Figure, dpi: float | None = None) -> bytes:
+    """A figure as PNG bytes (tight bounding box); the figure is closed."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=dpi)
     plt.close(fig)
     return buf.getvalue()
 
@@ -49,7 +50,7 @@ def histogram_png(names: list[str], train: np.ndarray, val: np.ndarray) -> bytes
     ax.set_ylabel("images")
     ax.set_title("Images per class" + _shown(len(names), HISTOGRAM_CLASSES))
     ax.legend()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def cooccurrence_png(names: list[str], manifest: Manifest) -> bytes:
@@ -73,7 +74,7 @@ def cooccurrence_png(names: list[str], manifest: Manifest) -> bytes:
     ax.set_ylabel("class i")
     ax.set_title("Label co-occurrence: P(j | i)" + _shown(len(names), HEATMAP_CLASSES))
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def demo_image_jpeg(rgb: np.ndarray, label_names: list[str]) -> bytes:

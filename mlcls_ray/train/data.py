@@ -30,20 +30,22 @@ def _keep_good(batch: dict[str, np.ndarray]) -> np.ndarray:
     return good
 
 
+def _stack(images: list[np.ndarray], size: int) -> np.ndarray:
+    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)  # [B, S, S, 3]
+
+
 def _train_batch(batch: dict[str, np.ndarray], augment: str, size: int) -> dict[str, np.ndarray]:
     good = _keep_good(batch)
     transform, rng = TrainAugment(augment, size), np.random.default_rng()
     images = [transform(img, rng) for img in batch["image"][good]]
-    return {"image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),  # [B, S, S, 3]
-            "labels": batch["labels"][good]}
+    return {"image": _stack(images, size), "labels": batch["labels"][good]}
 
 
 def _val_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     good = _keep_good(batch)
     images = [resize_square(img, size) for img in batch["image"][good]]
     return {"index": batch["index"][good],
-            "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
-            "labels": batch["labels"][good]}
+            "image": _stack(images, size), "labels": batch["labels"][good]}
 
 
 def train_dataset(manifest: Manifest, root: str, *, augment: str, size: int, max_pixels: int,

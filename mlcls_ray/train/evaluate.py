@@ -6,8 +6,6 @@ micro/macro precision, recall and F1 at 0.5 and at the folder's calibrated thres
 
 from __future__ import annotations
 
-import io
-import os
 import sys
 
 import matplotlib
@@ -24,8 +22,10 @@ from mlcls_ray.config import Config, device_count  # noqa: E402
 from mlcls_ray.data.mlcls_format import drop_duplicates, read_dataset  # noqa: E402
 from mlcls_ray.data.pipeline import read_images  # noqa: E402
 from mlcls_ray.data.problems import ProblemLog  # noqa: E402
+from mlcls_ray.data.report import figure_png  # noqa: E402
 from mlcls_ray.infer.predictor import Predictor  # noqa: E402
 from mlcls_ray.metrics import average_precision, precision_recall_f1  # noqa: E402
+from mlcls_ray.train.run import short_of  # noqa: E402
 
 __all__ = ["PR_CURVE_FILE", "evaluate", "run_evaluate"]
 
@@ -74,10 +74,7 @@ def _pr_curve_png(probs: np.ndarray, labels: np.ndarray, names: list[str], ap: n
            title=f"precision-recall on val ({len(probs):,} images)")
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=90)
 
 
 def evaluate(logits: np.ndarray, labels: np.ndarray, names: list[str], thresholds: list[float]
@@ -100,8 +97,10 @@ def _actors(cfg: Config) -> dict:
     device = cfg["Global.device"]
     if device.startswith("gpu"):
         gpus = device_count(device)
-        if ray.cluster_resources().get("GPU", 0) < 1 and not os.environ.get("RAY_ADDRESS"):
-            raise ValueError(f"Global.device={device}, but this Ray has no GPU; use -o Global.device=cpu")
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < 1:
+            short_of(f"Global.device={device} asks for GPUs, but the Ray cluster has {have:g}",
+                     "use -o Global.device=cpu", "GPU")
         return {"compute": ActorPoolStrategy(size=gpus), "num_gpus": 1, "fn_constructor_kwargs": {"threads": 1,
                                                                                                   "device": "cuda"}}
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=2)

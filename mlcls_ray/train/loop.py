@@ -157,7 +157,8 @@ def train_fn(config: dict) -> None:
         scaler.load_state_dict(state["scaler"])
         start_epoch, step, best, history = state["epoch"], state["step"], state["best"], state["history"]
         scheduler.step_update(step)
-    best = _best_on_disk(config["output"], best, config["run_name"], resumed=resume_from is not None)
+    if rank == 0:  # the one rank that writes best_model/ reads it back
+        best = _best_on_disk(config["output"], best, config["run_name"], resumed=resume_from is not None)
     ddp_model = ray.train.torch.prepare_model(  # [ray] DDP when there is more than one worker
         model, parallel_strategy_kwargs={"gradient_as_bucket_view": True, "static_graph": True})
     cpu_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None  # val gathers on CPU

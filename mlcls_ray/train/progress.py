@@ -7,7 +7,6 @@ written to a local folder and copied up.
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tensorboardX import SummaryWriter  # noqa: E402
 
 from mlcls_ray import storage  # noqa: E402
+from mlcls_ray.data.report import figure_png  # noqa: E402
 
 __all__ = ["LOG_FILE", "CURVES_FILE", "TENSORBOARD_DIR", "RunLog", "curves_png", "hms"]
 
@@ -49,10 +49,7 @@ def curves_png(history: list[dict]) -> bytes:
     axes[2].plot(epochs, [h["lr"] for h in history], marker="o")
     axes[2].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=90)
 
 
 class RunLog:

@@ -21,13 +21,14 @@ from ray.train.torch import TorchTrainer
 
 from mlcls_ray import results, storage
 from mlcls_ray.config import Config, device_count
+from mlcls_ray.data.manifest import Manifest
 from mlcls_ray.data.mlcls_format import LABEL_FILE, drop_duplicates, format_label_file, read_dataset
 from mlcls_ray.data.problems import ProblemLog
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.train.data import train_dataset, val_dataset
 from mlcls_ray.train.loop import STATE_FILE, train_fn
 
-__all__ = ["CHECKPOINTS_DIR", "TrainSetupError", "latest_checkpoint", "model_spec", "run_train"]
+__all__ = ["CHECKPOINTS_DIR", "TrainSetupError", "latest_checkpoint", "model_spec", "run_train", "short_of"]
 
 CHECKPOINTS_DIR = "checkpoints"
 _KEEP_CHECKPOINTS = 5  # PaddleX's last_1..last_5
@@ -47,6 +48,14 @@ def model_spec(cfg: Config, num_classes: int) -> ModelSpec:
         dropout=cfg["Arch.dropout"])
 
 
+def short_of(message: str, fix: str, kind: str) -> None:
+    """The cluster lacks what the run asks for: an embedded local Ray never grows, so stop; a cluster may
+    autoscale, so say what it waits for."""
+    if not os.environ.get("RAY_ADDRESS"):
+        raise TrainSetupError(f"{message}; {fix}")
+    print(f"mlcls: {message}; {fix}; waiting for the autoscaler to add {kind} nodes", file=sys.stderr)
+
+
 def _scaling(cfg: Config) -> tuple[ScalingConfig, int]:
     """Workers and their resources; returns (config, torch threads per worker).
 
@@ -58,18 +67,13 @@ def _scaling(cfg: Config) -> tuple[ScalingConfig, int]:
     workers = cfg["Train.num_workers"] or device_count(device)
     cpus, gpus = (float(ray.cluster_resources().get(k, 0)) for k in ("CPU", "GPU"))
     if use_gpu and gpus < workers:
-        message = (f"Global.device={device} asks for {workers} GPU worker(s), but the Ray cluster has {gpus:g} GPU(s); "
-                   "use -o Global.device=cpu, or fewer workers")
-        if not os.environ.get("RAY_ADDRESS"):  # an embedded local Ray never grows
-            raise TrainSetupError(message)
-        print(f"mlcls: {message}; waiting for the autoscaler to add GPU nodes", file=sys.stderr)
+        short_of(f"Global.device={device} asks for {workers} GPU worker(s), but the Ray cluster has {gpus:g} GPU(s)",
+                  "use -o Global.device=cpu, or fewer workers", "GPU")
     per_worker = cfg["Train.cpus_per_worker"] or (1.0 if use_gpu else cpus / 2 / workers)
     if not use_gpu and workers * per_worker > cpus - 1 + 1e-9:
-        message = (f"Train.num_workers={workers} x Train.cpus_per_worker={per_worker:g} reserves "
-                   f"{workers * per_worker:g} of the cluster's {cpus:g} CPUs and leaves less than 1 to decode images")
-        if not os.environ.get("RAY_ADDRESS"):
-            raise TrainSetupError(message + "; lower one of them")
-        print(f"mlcls: {message}; waiting for the autoscaler to add CPU nodes", file=sys.stderr)
+        short_of(f"Train.num_workers={workers} x Train.cpus_per_worker={per_worker:g} reserves "
+                  f"{workers * per_worker:g} of the cluster's {cpus:g} CPUs and leaves less than 1 to decode images",
+                  "lower one of them", "CPU")
     resources = {"CPU": per_worker, **({"GPU": 1} if use_gpu else {})}
     threads = max(1, round(per_worker))
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), threads
@@ -129,7 +133,7 @@ def _resume_source(cfg: Config) -> str | None:
     return path
 
 
-def _read_splits(root: str, problems: ProblemLog) -> tuple[list[str], object, object]:
+def _read_splits(root: str, problems: ProblemLog) -> tuple[list[str], Manifest, Manifest]:
     names, manifest = read_dataset(root, problems)
     if names is None:
         raise TrainSetupError(f"{storage.join(root, LABEL_FILE)} is missing or has problems; run check_dataset")
