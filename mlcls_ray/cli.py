@@ -33,8 +33,34 @@ def _evaluate(cfg: Config) -> int:
     return run_evaluate(cfg)
 
 
+def _export(cfg: Config) -> int:
+    from mlcls_ray.infer.export import run_export
+
+    return run_export(cfg)
+
+
+def _predict(cfg: Config) -> int:
+    from mlcls_ray.infer.predict import run_predict
+
+    return run_predict(cfg)
+
+
+def _label(cfg: Config) -> int:
+    from mlcls_ray.infer.label import run_label
+
+    return run_label(cfg)
+
+
+def _serve(cfg: Config) -> int:
+    from mlcls_ray.infer.serve import run_serve
+
+    return run_serve(cfg)
+
+
 MODES: dict[str, Callable[[Config], int]] = {"check_dataset": _check_dataset, "train": _train,
-                                             "evaluate": _evaluate}
+                                             "evaluate": _evaluate, "export": _export, "predict": _predict,
+                                             "label": _label, "serve": _serve}
+_WITHOUT_RAY = ("export", "predict")  # one process: a Ray start-up would cost more than the work
 
 
 def _init_ray() -> None:
@@ -79,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlcls: warning: {warning}", file=sys.stderr)
     try:
         storage.write_text(storage.join(cfg["Global.output"], "config.yaml"), cfg.to_yaml())
-        _init_ray()
+        if cfg["Global.mode"] not in _WITHOUT_RAY:
+            _init_ray()
         return MODES[cfg["Global.mode"]](cfg)
     except Exception as exc:
         if os.environ.get("MLCLS_DEBUG"):

@@ -19,11 +19,13 @@ import yaml
 
 from mlcls_ray import storage
 from mlcls_ray.data.images import MAX_PIXELS_CEILING
+from mlcls_ray.infer import thresholds
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Key", "device_count", "list_presets", "load_config",
            "parse_override"]
 
-MODES = ("check_dataset", "train", "evaluate")  # later issues add export, predict, label, serve
+MODES = ("check_dataset", "train", "evaluate", "export", "predict", "label", "serve")
+_DATASET_MODES = ("check_dataset", "train", "evaluate")  # the modes that read Global.dataset_dir
 _GENERIC = "_timm_ML"  # the recipe of any timm backbone named as `-c <timm_name>_ML`
 
 
@@ -47,9 +49,12 @@ class Key:
     max: float | None = None
     pattern: str | None = None
     pattern_help: str = ""
+    parse: Any = None  # for structured values (thresholds): text or parsed YAML -> the value, or raises ValueError
 
 
 _PATH = "a local path or s3://bucket/prefix"
+_THRESHOLD = ("a number, a list of one per class, or {default: 0.5, <id or name>: t}; null = the model folder's "
+              "calibrated per-class thresholds")
 
 SCHEMA: dict[str, Key] = {
     "Global.model": Key(str, "model preset name"),
@@ -101,10 +106,36 @@ SCHEMA: dict[str, Key] = {
     "Evaluate.weight_path": Key(str, f"model to evaluate, {_PATH}", nullable=True),
     "Evaluate.log_interval": Key(int, "log every N steps", min=1),
     "Evaluate.batch_size": Key(int, "images per inference batch", min=1),
-    "Export.weight_path": Key(str, f"model to export, {_PATH}", nullable=True),
+    "Export.weight_path": Key(str, f"model folder to export, {_PATH}; null = <Global.output>/best_model",
+                              nullable=True),
+    "Export.format": Key(str, "the graph written beside the weights", choices=("onnx", "torchscript")),
     "Predict.batch_size": Key(int, "images per batch", min=1),
-    "Predict.model_dir": Key(str, f"model folder, {_PATH}", nullable=True),
-    "Predict.input": Key(str, f"image, folder or list, {_PATH}", nullable=True),
+    "Predict.model_dir": Key(str, f"model folder, {_PATH}; null = <Global.output>/best_model", nullable=True),
+    "Predict.input": Key(str, f"an image, a folder, a list file or a prefix, {_PATH}", nullable=True),
+    "Predict.threshold": Key(object, _THRESHOLD, nullable=True, parse=thresholds.parse),
+    "Label.model_dir": Key(str, f"model folder, {_PATH}; null = <Global.output>/best_model", nullable=True),
+    "Label.input": Key(str, f"a folder or prefix (walked for images), or a list file of image URIs; {_PATH}",
+                       nullable=True),
+    "Label.output": Key(str, f"where the Parquet labels go, {_PATH}; null = <Global.output>/labels", nullable=True),
+    "Label.batch_size": Key(int, "images per inference batch", min=1),
+    "Label.concurrency": Key(int, "inference actors; null = one per GPU of Global.device, 1 on cpu", nullable=True,
+                             min=1),
+    "Label.threshold": Key(object, _THRESHOLD, nullable=True, parse=thresholds.parse),
+    "Label.shard_size": Key(int, "images per input shard: the unit of output files and of resuming", min=1),
+    "Serve.model_dir": Key(str, f"model folder, {_PATH}; null = <Global.output>/best_model", nullable=True),
+    "Serve.host": Key(str, "address the HTTP proxy binds (0.0.0.0 for every interface)"),
+    "Serve.port": Key(int, "HTTP port", min=1, max=65535),
+    "Serve.max_batch_size": Key(int, "images batched into one forward pass", min=1),
+    "Serve.batch_wait_timeout_s": Key(float, "how long a batch waits to fill after its first image", min=0.0,
+                                      max=10.0),
+    "Serve.min_replicas": Key(int, "autoscaling floor", min=0),
+    "Serve.max_replicas": Key(int, "autoscaling ceiling", min=1),
+    "Serve.target_ongoing_requests": Key(float, "requests per replica the autoscaler aims for", min=0.1),
+    "Serve.max_image_bytes": Key(int, "largest image a request may carry (after base64) or a URL may return",
+                                 min=1),
+    "Serve.max_images_per_request": Key(int, "images the batch endpoint takes in one request", min=1),
+    "Serve.allow_urls": Key(bool, "let requests name an http(s) URL to fetch (public addresses only)"),
+    "Serve.url_timeout_s": Key(float, "timeout of one URL fetch", min=0.1, max=120.0),
     # PaddleX YAMLs say `paddle`; it is accepted so they load unchanged, and means the one engine there is: torch
     "Predict.kernel_option.run_mode": Key(str, "inference engine", choices=("torch", "paddle")),
 }
@@ -151,7 +182,7 @@ def list_presets() -> list[str]:
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
+    if not isinstance(tree, dict) or prefix in SCHEMA and SCHEMA[prefix].parse is not None:
         return {prefix: tree}
     flat: dict[str, Any] = {}
     for k, v in tree.items():
@@ -200,6 +231,11 @@ def _typed(key: str, spec: Key, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError([f"{key}: {value!r} is not a string ({spec.help})"])
         return value
+    if spec.parse is not None:
+        try:
+            return spec.parse(value)
+        except ValueError as exc:
+            raise ConfigError([f"{key}: {exc}"]) from None
     text = value.strip() if isinstance(value, str) else None
     if spec.type is bool and text is not None and text.lower() in _BOOLS:
         return _BOOLS[text.lower()]
@@ -353,7 +389,14 @@ def _cross_checks(v: dict[str, Any], check_paths: bool) -> list[str]:
                 f"CheckDataset.split.train_percent + val_percent: {train} + {val} must be 100 when split.enable "
                 "is True, e.g. -o CheckDataset.split.train_percent=80 -o CheckDataset.split.val_percent=20"
             )
-    if check_paths and valid("Global.mode", "Global.dataset_dir") and v["Global.mode"] in MODES:
+    serve = ("Serve.min_replicas", "Serve.max_replicas")
+    if valid(*serve) and v[serve[0]] > v[serve[1]]:
+        problems.append(f"Serve.min_replicas={v[serve[0]]} is above Serve.max_replicas={v[serve[1]]}")
+    inputs = {"predict": "Predict.input", "label": "Label.input"}
+    if valid("Global.mode") and v["Global.mode"] in inputs and valid(inputs[v["Global.mode"]]) \
+            and v[inputs[v["Global.mode"]]] is None:
+        problems.append(f"{inputs[v['Global.mode']]}: must be set for {v['Global.mode']} ({_PATH})")
+    if check_paths and valid("Global.mode", "Global.dataset_dir") and v["Global.mode"] in _DATASET_MODES:
         root = v["Global.dataset_dir"]
         if root is None:
             problems.append(f"Global.dataset_dir: must be set for {v['Global.mode']} ({_PATH})")

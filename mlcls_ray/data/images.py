@@ -14,7 +14,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "MAX_PIXELS_CEILING", "ImageDecodeError", "decode_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "MAX_PIXELS_CEILING", "ImageDecodeError", "decode_image", "decode_jpegs",
+           "device_decodable"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold: ~ 9459 x 9459
 MAX_PIXELS_CEILING = 2 * DEFAULT_MAX_PIXELS  # Pillow refuses larger images itself; no limit can go above it
@@ -92,3 +93,38 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except Exception as exc:  # Pillow's plugins raise many types on hostile input; one bad file must not end a job
         raise ImageDecodeError("corrupt_image", f"truncated or corrupt image data ({type(exc).__name__}: {exc})") \
             from None
+
+
+def device_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Whether a file may skip :func:`decode_image` for a device JPEG decoder: a JPEG in RGB or greyscale, with no
+    EXIF rotation, within the pixel limit. Only the header is read. Anything else, including every file that
+    :func:`decode_image` would refuse, goes through :func:`decode_image`, so the limits and errors stay its own."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=("JPEG",))
+        width, height = img.size
+        return (img.format == "JPEG" and img.mode in ("RGB", "L") and width * height <= max_pixels
+                and img.getexif().get(_ORIENTATION, 1) == 1)
+    except Exception:  # noqa: BLE001 - not a clean JPEG header: the CPU decoder will say what it is
+        return False
+
+
+def decode_jpegs(datas: list[bytes], device: str) -> list:
+    """Decode JPEGs that passed :func:`device_decodable` on ``device`` (nvJPEG on ``cuda``), in one batch.
+
+    Returns one ``[H, W, 3]`` uint8 tensor on ``device`` per file, or None where the device decoder failed (a
+    corrupt body behind a good header): the caller decodes those with :func:`decode_image`, which names the error.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+    except Exception:  # noqa: BLE001 - one bad file fails the batch; find it one by one
+        decoded = []
+        for t in tensors:
+            try:
+                decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
+            except Exception:  # noqa: BLE001
+                decoded.append(None)
+    return [None if img is None else img.permute(1, 2, 0) for img in decoded]  # [3, H, W] -> [H, W, 3]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-__all__ = ["AUGMENTS", "TrainAugment", "resize_square", "to_model_input"]
+__all__ = ["AUGMENTS", "TrainAugment", "resize_square", "resize_square_on_device", "to_model_input"]
 
 AUGMENTS = ("ml_decoder", "light", "none")
 _FILL = (128, 128, 128)  # RandAugment's fill, as PaddleClas's RandAugmentV4
@@ -25,6 +25,19 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     if rgb.shape[0] == size and rgb.shape[1] == size:
         return rgb
     return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+
+
+def resize_square_on_device(rgb: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`resize_square` for a ``[H, W, 3]`` uint8 tensor on any device (images decoded on the GPU).
+
+    Bilinear with antialiasing, which is how PIL's bilinear filter shrinks: it matches :func:`resize_square` to
+    within a grey level or two per pixel, not bit for bit.
+    """
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    x = rgb.permute(2, 0, 1).unsqueeze(0).float()  # [1, 3, H, W]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)  # [S, S, 3]
 
 
 def _shear_x(img: Image.Image, m: float) -> Image.Image:

@@ -1,8 +1,10 @@
-"""The one Predictor: a model folder in, per-class scores out. Evaluate, predict, label and serve all use it.
+"""The one Predictor: a model folder in, per-class scores and labels out. Evaluate, predict, label and serve use it.
 
-Preprocessing is the folder's own (``inference.yml``): squish resize to the folder's size on CPU
+Preprocessing is the folder's own (``inference.yml``): the one decoder, a squish resize to the folder's size on CPU
 (:func:`~mlcls_ray.data.transforms.resize_square`), then scaling and normalisation on the model's device
-(:func:`~mlcls_ray.data.transforms.to_model_input`), the same two functions training validated with.
+(:func:`~mlcls_ray.data.transforms.to_model_input`), the same functions training validated with. On a GPU, plain
+JPEGs may instead be decoded and resized on the device (:meth:`Predictor.score_encoded`); every other file, and any
+that the device decoder fails on, takes the CPU path.
 """
 
 from __future__ import annotations
@@ -13,49 +15,129 @@ import numpy as np
 import torch
 
 from mlcls_ray import model_dir
-from mlcls_ray.data.transforms import resize_square, to_model_input
+from mlcls_ray.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, decode_jpegs, device_decodable
+from mlcls_ray.data.transforms import resize_square, resize_square_on_device, to_model_input
+from mlcls_ray.infer import thresholds as thr
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "preprocess"]
+
+
+def preprocess(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Decoded ``[H, W, 3]`` uint8 images -> ``[B, S, S, 3]`` uint8: the CPU half of every inference path."""
+    if not len(images):
+        return np.zeros((0, size, size, 3), np.uint8)
+    return np.stack([resize_square(img, size) for img in images])
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(logits).sigmoid().numpy()  # float32, no overflow warnings for large logits
 
 
 class Predictor:
-    """Load a model folder once; call it on decoded RGB images.
+    """Load a model folder once; call it on images.
 
     Args:
-        model: a model folder (local or ``s3://``), as written by training.
+        model: a model folder (local or ``s3://``), as written by training or export.
         device: ``cpu`` or ``cuda[:N]``. On a GPU the forward runs under bf16 (fp16 where bf16 is missing)
-            autocast with channels_last, as training does; logits are returned in fp32.
+            autocast with channels_last, as training does; the head and the logits stay fp32.
+        max_pixels: images with more pixels are refused before they are decoded.
+        threshold: the default decision rule (see :mod:`mlcls_ray.infer.thresholds`); None keeps the folder's
+            calibrated per-class thresholds.
+        device_decode: on a GPU, decode plain JPEGs on the device (nvJPEG) instead of with PIL.
     """
 
-    def __init__(self, model: str, device: str = "cpu"):
+    def __init__(self, model: str, device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 threshold: thr.Threshold | None = None, device_decode: bool = True):
         self.device = torch.device(device)
         self.model, self.info = model_dir.load(model, self.device)
+        self.max_pixels = max_pixels
+        self.thresholds = thr.resolve(threshold, self.info.label_names, self.info.thresholds)  # [C]
         self.channels_last = self.device.type == "cuda"
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.amp = None
         if self.device.type == "cuda":
             self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.device_decode = device_decode and self.device.type == "cuda"
 
     @property
     def image_size(self) -> int:
         return self.info.spec.image_size
 
+    @property
+    def label_names(self) -> list[str]:
+        return self.info.label_names
+
     def preprocess(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Decoded ``[H, W, 3]`` uint8 images -> ``[B, S, S, 3]`` uint8 (the CPU half)."""
-        size = self.image_size
-        if not len(images):
-            return np.zeros((0, size, size, 3), np.uint8)
-        return np.stack([resize_square(img, size) for img in images])
+        return preprocess(images, self.image_size)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """An image file's bytes -> ``[S, S, 3]`` uint8, through the one decoder.
+
+        Raises:
+            ImageDecodeError: the file is not an image, is corrupt, or is over the pixel limit.
+        """
+        return resize_square(decode_image(data, self.max_pixels), self.image_size)
 
     @torch.inference_mode()
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """``[B, S, S, 3]`` uint8 from :meth:`preprocess` -> ``[B, C]`` float32 logits (the device half)."""
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
         spec = self.info.spec
-        x = to_model_input(torch.from_numpy(batch).to(self.device), spec.mean, spec.std, self.channels_last)
+        x = to_model_input(batch.to(self.device), spec.mean, spec.std, self.channels_last)  # [B, 3, S, S]
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self.model(x).float().cpu().numpy()
 
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """``[B, S, S, 3]`` uint8 from :meth:`preprocess` -> ``[B, C]`` float32 logits (the device half)."""
+        return self._forward(torch.from_numpy(batch))
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """``[B, S, S, 3]`` uint8 -> ``[B, C]`` float32 probabilities."""
+        return _sigmoid(self.logits(batch))
+
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Decoded images -> ``[B, C]`` float32 probabilities."""
-        return 1.0 / (1.0 + np.exp(-self.logits(self.preprocess(images))))
+        return self.probabilities(self.preprocess(images))
+
+    def score_encoded(self, files: Sequence[bytes]) -> tuple[np.ndarray, list[ImageDecodeError | None]]:
+        """Image files' bytes -> ``[B, C]`` float32 probabilities (zeros where a file failed) and each file's error.
+
+        With device decoding on, plain JPEGs are decoded and resized on the GPU in one batch; the rest go
+        through :meth:`decode`.
+        """
+        size, c = self.image_size, len(self.label_names)
+        errors: list[ImageDecodeError | None] = [None] * len(files)
+        squares: list[torch.Tensor | None] = [None] * len(files)
+        on_device = [i for i, f in enumerate(files) if self.device_decode and device_decodable(f, self.max_pixels)]
+        for i, img in zip(on_device, decode_jpegs([files[i] for i in on_device], str(self.device)) if on_device
+                          else []):
+            if img is not None:
+                squares[i] = resize_square_on_device(img, size)
+        for i, f in enumerate(files):
+            if squares[i] is None:
+                try:
+                    squares[i] = torch.from_numpy(self.decode(f)).to(self.device)
+                except ImageDecodeError as exc:
+                    errors[i] = exc
+        good = [i for i in range(len(files)) if errors[i] is None]
+        probs = np.zeros((len(files), c), np.float32)
+        if good:
+            probs[good] = _sigmoid(self._forward(torch.stack([squares[i] for i in good])))
+        return probs, errors
+
+    def thresholds_for(self, threshold: thr.Threshold | None) -> np.ndarray:
+        """``[C]`` thresholds for a request's override, or the Predictor's own when it is None."""
+        return self.thresholds if threshold is None else thr.resolve(threshold, self.label_names,
+                                                                     self.info.thresholds)
+
+    def labels(self, probs: np.ndarray, thresholds: np.ndarray | None = None) -> list[dict]:
+        """PaddleX's result per image: ``class_ids``, ``scores`` (5 decimals) and ``label_names`` of the classes with
+        ``score > threshold``, highest score first."""
+        t = self.thresholds if thresholds is None else thresholds
+        out = []
+        for row in probs:
+            ids = np.flatnonzero(row > t)
+            ids = ids[np.argsort(-row[ids], kind="stable")]
+            out.append({"class_ids": ids.tolist(), "scores": [round(float(row[i]), 5) for i in ids],
+                        "label_names": [self.label_names[i] for i in ids]})
+        return out
