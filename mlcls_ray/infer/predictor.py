@@ -116,7 +116,7 @@ class Predictor:
         for i, f in enumerate(files):
             if squares[i] is None:
                 try:
-                    squares[i] = torch.from_numpy(self.decode(f)).to(self.device)
+                    squares[i] = torch.tensor(self.decode(f), device=self.device)  # PIL arrays are read-only
                 except ImageDecodeError as exc:
                     errors[i] = exc
         good = [i for i in range(len(files)) if errors[i] is None]
