@@ -28,7 +28,7 @@ from mlcls_ray import storage
 from mlcls_ray.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from mlcls_ray.data.manifest import Manifest
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "read_images"]
+__all__ = ["DEFAULT_MAX_FILE_BYTES", "fetch_files", "read_images"]
 
 DEFAULT_MAX_FILE_BYTES = 256 << 20  # a larger file is refused by its size, before a byte is read
 _READ_AHEAD = 8  # files being fetched while one decodes: hides S3 latency; bounds the bytes held per task
@@ -54,14 +54,10 @@ def _read_ahead(fn: Callable, items: Iterable) -> Iterator:
         yield pending.popleft().result()
 
 
-def _read(fs: pafs.FileSystem, root: str, real_root: str | None, max_file_bytes: int, rel: str
-          ) -> tuple[bytes | None, str, str]:
+def _read_file(fs: pafs.FileSystem, path: str, max_file_bytes: int) -> tuple[bytes | None, str, str]:
     """-> (data, error kind, reason); the kind is "" when the file was read."""
-    full = f"{root}/{rel}"
-    if real_root is not None and not os.path.realpath(full).startswith(real_root + os.sep):
-        return None, "unsafe_path", "a symlink resolves outside the dataset root"
     try:
-        with fs.open_input_file(full) as f:
+        with fs.open_input_file(path) as f:
             size = f.size()
             if size > max_file_bytes:
                 return None, "file_too_large", (f"{size:,} bytes, over the limit of {max_file_bytes:,} "
@@ -71,6 +67,29 @@ def _read(fs: pafs.FileSystem, root: str, real_root: str | None, max_file_bytes:
         return None, "missing_image", "image file not found"
     except OSError as exc:  # a folder where the image should be, permissions, a storage error
         return None, "unreadable_file", f"cannot read ({exc})"
+
+
+def _read(fs: pafs.FileSystem, root: str, real_root: str | None, max_file_bytes: int, rel: str
+          ) -> tuple[bytes | None, str, str]:
+    full = f"{root}/{rel}"
+    if real_root is not None and not os.path.realpath(full).startswith(real_root + os.sep):
+        return None, "unsafe_path", "a symlink resolves outside the dataset root"
+    return _read_file(fs, full, max_file_bytes)
+
+
+def _read_uri(max_file_bytes: int, uri: str) -> tuple[bytes | None, str, str]:
+    try:
+        fs, path = storage.resolve(uri)
+    except storage.StorageError as exc:
+        return None, "unreadable_file", str(exc)
+    return _read_file(fs, path, max_file_bytes)
+
+
+def fetch_files(uris: Iterable[str], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+                ) -> Iterator[tuple[bytes | None, str, str]]:
+    """``(data, error kind, reason)`` of each file (full URIs, any filesystem), in order, with the same read-ahead
+    and size limit as :func:`read_images`; the kind is "" when the file was read."""
+    return _read_ahead(functools.partial(_read_uri, max_file_bytes), uris)
 
 
 def _read_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, root: str, image: str, num_classes: int,

@@ -15,17 +15,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
-from ray.data import ActorPoolStrategy  # noqa: E402
 
 from mlcls_ray import model_dir, results, storage  # noqa: E402
-from mlcls_ray.config import Config, device_count  # noqa: E402
+from mlcls_ray.config import Config  # noqa: E402
 from mlcls_ray.data.mlcls_format import drop_duplicates, read_dataset  # noqa: E402
 from mlcls_ray.data.pipeline import read_images  # noqa: E402
 from mlcls_ray.data.problems import ProblemLog  # noqa: E402
 from mlcls_ray.data.report import figure_png  # noqa: E402
+from mlcls_ray.infer.actors import inference_actors  # noqa: E402
 from mlcls_ray.infer.predictor import Predictor  # noqa: E402
 from mlcls_ray.metrics import average_precision, precision_recall_f1  # noqa: E402
-from mlcls_ray.train.run import short_of  # noqa: E402
 
 __all__ = ["PR_CURVE_FILE", "evaluate", "run_evaluate"]
 
@@ -93,22 +92,6 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, names: list[str], threshold
     }, probs, ap
 
 
-def _actors(cfg: Config) -> dict:
-    device = cfg["Global.device"]
-    if device.startswith("gpu"):
-        gpus = device_count(device)
-        have = ray.cluster_resources().get("GPU", 0)
-        if have < 1:
-            short_of(f"Global.device={device} asks for GPUs, but the Ray cluster has {have:g}",
-                     "use -o Global.device=cpu", "GPU")
-        return {"compute": ActorPoolStrategy(size=gpus), "num_gpus": 1, "fn_constructor_kwargs": {"threads": 1,
-                                                                                                  "device": "cuda"}}
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=2)
-    threads = max(1, int(node_cpus) // 2)  # one node's CPUs, half of them: the other half decodes
-    return {"compute": ActorPoolStrategy(size=1), "num_cpus": threads,
-            "fn_constructor_kwargs": {"threads": threads, "device": "cpu"}}
-
-
 def run_evaluate(cfg: Config) -> int:
     """Evaluate; returns the exit code. A failure leaves PaddleX's ``done_flag: false`` record."""
     output = cfg["Global.output"]
@@ -130,7 +113,7 @@ def _evaluate(cfg: Config, output: str) -> int:
                          f"{manifest.num_classes}")
     n, c = len(manifest), info.spec.num_classes
     ray.data.DataContext.get_current().enable_progress_bars = False
-    actors = _actors(cfg)
+    actors = inference_actors(cfg["Global.device"])
     kwargs = actors.pop("fn_constructor_kwargs")
     scored = read_images(manifest, root, image="rgb", max_pixels=cfg["Global.max_image_pixels"],
                          max_file_bytes=cfg["Global.max_file_bytes"]).map_batches(

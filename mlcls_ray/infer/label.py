@@ -1,0 +1,307 @@
+"""``Global.mode=label``: label every image of a folder, an ``s3://`` prefix or a list of URIs into Parquet, on Ray
+Data, streaming end to end, idempotent and resumable.
+
+``Label.output`` holds:
+
+- ``_plan/shard-<N>.parquet``: the input, listed once into shards of ``Label.shard_size`` URIs (``shard``,
+  ``path``); ``_plan/_COMPLETE.json`` marks the listing complete (input, shard size, images, shards).
+- ``part-<shard>-<id>-n<rows>.parquet``: the labels, one row per image (``path``, ``class_ids``, ``label_names``,
+  ``scores`` of every class in class order, ``error_kind``, ``error``). Every file holds rows of one shard and is
+  written atomically; its name carries its row count.
+- ``_SUCCESS``: a JSON summary, written once every shard is complete; ``_FAILURE``: the record of a failed run.
+  Names starting with ``_`` or ``.`` are skipped by Parquet readers (pyarrow, Spark, Ray), so the folder reads as
+  one table.
+
+A rerun with the same output never lists the input again: it counts each shard's rows from its part files' names,
+skips complete shards and, for a shard a killed run cut short, labels only the rows its parts lack. No row is
+written twice, and nothing per image is held on the driver: it streams the listing into the plan and reads back one
+small row per part file written.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import sys
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from mlcls_ray import model_dir, results, storage
+from mlcls_ray.config import Config
+from mlcls_ray.data.images import ImageDecodeError, decode_image
+from mlcls_ray.data.pipeline import fetch_files
+from mlcls_ray.infer import thresholds
+from mlcls_ray.infer.actors import inference_actors
+from mlcls_ray.infer.inputs import IMAGE_EXTENSIONS, iter_inputs
+from mlcls_ray.infer.predictor import Predictor, preprocess
+
+__all__ = ["FAILURE_FILE", "PLAN_DIR", "SUCCESS_FILE", "LabelSetupError", "run_label"]
+
+PLAN_DIR = "_plan"
+SUCCESS_FILE = "_SUCCESS"
+FAILURE_FILE = "_FAILURE"
+_PLAN_DONE = "_COMPLETE.json"
+_PART = re.compile(r"part-(\d+)-[0-9a-f]{8}-n(\d+)\.parquet")
+_LOAD_BATCH = 32  # images read and decoded per CPU task batch; bounds a task's memory
+_WRITE_ROWS = 4096  # rows per part file at most: few files, small enough to write in a blink
+_PROGRESS_S = 10.0
+
+
+class LabelSetupError(ValueError):
+    """The labeling run cannot start as configured; the message says what to change."""
+
+
+def _shard_uri(output: str, shard: int) -> str:
+    return storage.join(output, PLAN_DIR, f"shard-{shard:06d}.parquet")
+
+
+def _write_plan_shard(output: str, shard: int, paths: list[str]) -> None:
+    table = pa.table({"shard": pa.array(np.full(len(paths), shard, np.int32)), "path": pa.array(paths, pa.string())})
+    with storage.open_output(_shard_uri(output, shard)) as f:
+        pq.write_table(table, f)
+
+
+def _plan(source: str, output: str, shard_size: int) -> dict:
+    """List the input once into shards under ``_plan/``, or read back the plan an earlier run completed."""
+    marker = storage.join(output, PLAN_DIR, _PLAN_DONE)
+    if storage.exists(marker):
+        plan = json.loads(storage.read_text(marker))
+        if plan["input"] != source:
+            raise LabelSetupError(f"Label.output {output} holds the labels of {plan['input']}, not of {source}; "
+                                  "use another Label.output")
+        if plan["shard_size"] != shard_size:
+            print(f"mlcls: {output} was planned with Label.shard_size={plan['shard_size']}; resuming with that")
+        return plan
+    shards, images, paths = 0, 0, []
+    started = last = time.monotonic()
+    for uri, _ in iter_inputs(source):
+        paths.append(uri)
+        if len(paths) == shard_size:
+            _write_plan_shard(output, shards, paths)
+            shards, images, paths = shards + 1, images + len(paths), []
+            if time.monotonic() - last > _PROGRESS_S:
+                last = time.monotonic()
+                print(f"[Label] listed {images:,} images ({images / (last - started):,.0f}/s)")
+    if paths:
+        _write_plan_shard(output, shards, paths)
+        shards, images = shards + 1, images + len(paths)
+    if not images:
+        raise LabelSetupError(f"Label.input {source}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    plan = {"input": source, "shard_size": shard_size, "images": images, "shards": shards}
+    storage.write_text(marker, json.dumps(plan, indent=2) + "\n")
+    print(f"[Label] listed {images:,} images of {source} into {shards:,} shard(s)")
+    return plan
+
+
+def _planned_rows(plan: dict, shard: int) -> int:
+    last = plan["images"] - plan["shard_size"] * (plan["shards"] - 1)
+    return last if shard == plan["shards"] - 1 else plan["shard_size"]
+
+
+def _parts(output: str) -> dict[int, list[tuple[str, int]]]:
+    """``{shard: [(part file name, rows), ...]}`` of the part files in the output."""
+    found: dict[int, list[tuple[str, int]]] = collections.defaultdict(list)
+    for name in storage.list_files(output) if storage.exists(output) else []:
+        match = _PART.fullmatch(name)
+        if match:
+            found[int(match[1])].append((name, int(match[2])))
+    return found
+
+
+def _remaining_rows(output: str, shard: int, parts: list[tuple[str, int]]) -> pa.Table:
+    """The plan rows of a shard cut short that its part files lack (a path listed twice is labeled twice)."""
+    plan = pq.read_table(storage.open_input(_shard_uri(output, shard)))
+    done = collections.Counter()
+    for name, _ in parts:
+        done.update(pq.read_table(storage.open_input(storage.join(output, name)), columns=["path"])["path"]
+                    .to_pylist())
+    keep = []
+    for i, path in enumerate(plan["path"].to_pylist()):
+        if done[path]:
+            done[path] -= 1
+        else:
+            keep.append(i)
+    return plan.take(pa.array(keep, pa.int64()))
+
+
+def _load(batch: dict[str, np.ndarray], size: int, decode: bool, max_pixels: int, max_file_bytes: int
+          ) -> dict[str, np.ndarray]:
+    """Read each file; on CPU also decode and squish-resize it (the Predictor's CPU half)."""
+    n = len(batch["path"])
+    kinds, reasons = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
+    images = np.zeros((n, size, size, 3), np.uint8) if decode else np.full(n, b"", dtype=object)
+    for i, (data, kind, reason) in enumerate(fetch_files(batch["path"], max_file_bytes)):
+        if kind:
+            kinds[i], reasons[i] = kind, reason
+        elif not decode:
+            images[i] = data
+        else:
+            try:
+                images[i] = preprocess([decode_image(data, max_pixels)], size)[0]
+            except ImageDecodeError as exc:
+                kinds[i], reasons[i] = exc.kind, exc.reason
+    return {"shard": batch["shard"], "path": batch["path"], "image" if decode else "data": images,
+            "error_kind": kinds, "error": reasons}
+
+
+class _Labeler:
+    """Ray Data actor: rows of images (or file bytes, decoded on the GPU) -> label rows, through the Predictor."""
+
+    def __init__(self, model: str, device: str, threads: int, threshold, max_pixels: int):
+        torch.set_num_threads(threads)
+        self.predictor = Predictor(model, device, max_pixels=max_pixels, threshold=threshold)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        kinds, reasons = batch["error_kind"].copy(), batch["error"].copy()
+        good = np.flatnonzero(kinds == "")
+        probs = np.zeros((len(kinds), len(self.predictor.label_names)), np.float32)  # [B, C]
+        if "image" in batch and len(good):
+            probs[good] = self.predictor.probabilities(batch["image"][good])
+        elif len(good):
+            probs[good], errors = self.predictor.score_encoded(list(batch["data"][good]))
+            for i, exc in zip(good, errors):
+                if exc is not None:
+                    kinds[i], reasons[i] = exc.kind, exc.reason
+        ok = kinds == ""
+        labels = self.predictor.labels(probs)
+        c = probs.shape[1]
+        scores = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), c, mask=pa.array(~ok))
+        return pa.table({
+            "shard": pa.array(batch["shard"], pa.int32()),
+            "path": pa.array(batch["path"], pa.string()),
+            "class_ids": pa.array([r["class_ids"] if k else [] for r, k in zip(labels, ok)], pa.list_(pa.int32())),
+            "label_names": pa.array([r["label_names"] if k else [] for r, k in zip(labels, ok)],
+                                    pa.list_(pa.string())),
+            "scores": scores,  # null for an image that failed
+            "error_kind": pa.array([k or None for k in kinds], pa.string()),
+            "error": pa.array([r or None for r in reasons], pa.string()),
+        })
+
+
+def _write_parts(table: pa.Table, output: str) -> pa.Table:
+    """Write the rows of each shard in a batch as one part file; return one row per file written."""
+    shards = table["shard"].to_numpy()
+    written = {"shard": [], "rows": [], "failed": []}
+    for shard in np.unique(shards):
+        rows = table.filter(pa.array(shards == shard)).drop_columns(["shard"])
+        name = f"part-{int(shard):06d}-{uuid.uuid4().hex[:8]}-n{rows.num_rows}.parquet"
+        with storage.open_output(storage.join(output, name)) as f:
+            pq.write_table(rows, f)
+        kinds = collections.Counter(k for k in rows["error_kind"].to_pylist() if k)
+        written["shard"].append(int(shard))
+        written["rows"].append(rows.num_rows)
+        written["failed"].append(json.dumps(kinds))
+    return pa.table(written)
+
+
+def _failures_in(output: str, parts: dict[int, list[tuple[str, int]]]) -> collections.Counter:
+    """Failed images by kind over every part file, read a column at a time (bounded memory)."""
+    fs, root = storage.resolve(output)
+    files = [f"{root.rstrip('/')}/{name}" for named in parts.values() for name, _ in named]
+    counts: collections.Counter = collections.Counter()
+    for batch in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["error_kind"]):
+        counts.update(k for k in batch.column(0).to_pylist() if k)
+    return counts
+
+
+def run_label(cfg: Config) -> int:
+    """Label; returns the exit code (0 also when some images are bad: they are rows with an ``error``)."""
+    output = storage.absolute(cfg["Label.output"] or storage.join(cfg["Global.output"], "labels"))
+    with results.failure_recorded(output, FAILURE_FILE):
+        return _label(cfg, output)
+
+
+def _label(cfg: Config, output: str) -> int:
+    model = storage.absolute(cfg["Label.model_dir"] or storage.join(cfg["Global.output"], "best_model"))
+    info = model_dir.read_info(model)
+    threshold = cfg["Label.threshold"]
+    thresholds.resolve(threshold, info.label_names, info.thresholds)  # a bad one fails here, not in an actor
+    source = storage.absolute(cfg["Label.input"])
+    plan = _plan(source, output, cfg["Label.shard_size"])
+    parts = _parts(output)
+    for shard, named in parts.items():
+        if sum(n for _, n in named) > _planned_rows(plan, shard) or shard >= plan["shards"]:
+            raise LabelSetupError(f"{output}: shard {shard} has more labeled rows than its plan "
+                                  f"({', '.join(n for n, _ in named)}); was a second run writing here at the same "
+                                  "time? Use another Label.output")
+    partial = [s for s, named in parts.items() if sum(n for _, n in named) < _planned_rows(plan, s)]
+    untouched = [s for s in range(plan["shards"]) if s not in parts]
+    todo = sum(_planned_rows(plan, s) for s in untouched) + sum(
+        _planned_rows(plan, s) - sum(n for _, n in parts[s]) for s in partial)
+    if todo < plan["images"]:
+        print(f"[Label] resuming {output}: {plan['images'] - todo:,} of {plan['images']:,} images already labeled")
+    started = time.monotonic()
+    if todo:
+        _run_pipeline(cfg, model, info.spec.image_size, threshold, output, plan, untouched,
+                                 {s: parts[s] for s in partial}, todo)
+    seconds = time.monotonic() - started
+    parts = _parts(output)
+    short = [s for s in range(plan["shards"]) if sum(n for _, n in parts.get(s, [])) != _planned_rows(plan, s)]
+    if short:
+        raise RuntimeError(f"{len(short)} shard(s) were not completely labeled (first: {short[0]}); run the same "
+                           "command again to finish them")
+    failed = _failures_in(output, parts)
+    summary = {"done_flag": True, "input": source, "output": output, "model_dir": model,
+               "images": plan["images"], "labeled_this_run": todo, "failed_images": sum(failed.values()),
+               "failed_by_kind": dict(failed.most_common()), "shards": plan["shards"],
+               "seconds_this_run": round(seconds, 2),
+               "images_per_s_this_run": round(todo / seconds, 2) if todo and seconds else None,
+               "threshold": threshold, "columns": ["path", "class_ids", "label_names", "scores", "error_kind",
+                                                   "error"]}
+    results.write_result(output, SUCCESS_FILE, summary)
+    storage.delete(storage.join(output, FAILURE_FILE))
+    print(f"[Label] done: {plan['images']:,} images ({todo:,} this run, "
+          f"{summary['images_per_s_this_run'] or 0:,.1f} images/s), {sum(failed.values()):,} failed"
+          + (f" ({', '.join(f'{k} {n:,}' for k, n in failed.most_common())})" if failed else "")
+          + f"; Parquet: {output} (summary: {storage.join(output, SUCCESS_FILE)})")
+    return 0
+
+
+def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, plan: dict, untouched: list[int],
+                  partial: dict[int, list[tuple[str, int]]], todo: int) -> None:
+    """Label the rows still to do, printing progress."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our progress lines say more
+    fs, _ = storage.resolve(output)
+    sources = []
+    if untouched:
+        sources.append(ray.data.read_parquet([storage.resolve(_shard_uri(output, s))[1] for s in untouched],
+                                             filesystem=fs))
+    if partial:
+        sources.append(ray.data.from_arrow([_remaining_rows(output, s, named) for s, named in partial.items()]))
+    rows = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+    gpu = cfg["Global.device"].startswith("gpu")
+    actors = inference_actors(cfg["Global.device"], cfg["Label.concurrency"])
+    kwargs = actors.pop("fn_constructor_kwargs")
+    labeled = rows.map_batches(
+        _load, fn_kwargs={"size": size, "decode": not gpu, "max_pixels": cfg["Global.max_image_pixels"],
+                          "max_file_bytes": cfg["Global.max_file_bytes"]},
+        batch_size=_LOAD_BATCH, batch_format="numpy", num_cpus=0.5,  # I/O and PIL; unfused from the actors
+    ).map_batches(
+        _Labeler, fn_constructor_kwargs={"model": model, "threshold": threshold,
+                                         "max_pixels": cfg["Global.max_image_pixels"], **kwargs},
+        batch_size=cfg["Label.batch_size"], batch_format="numpy", **actors,
+    ).map_batches(_write_parts, fn_kwargs={"output": output}, batch_size=_WRITE_ROWS, batch_format="pyarrow",
+                  num_cpus=0.25)
+    done, failed = 0, collections.Counter()
+    started = last = time.monotonic()
+    print(f"[Label] labeling {todo:,} images with {model} on {cfg['Global.device']}; output: {output}")
+    for batch in labeled.iter_batches(batch_size=None, batch_format="pyarrow"):
+        done += sum(batch["rows"].to_pylist())
+        for counts in batch["failed"].to_pylist():
+            failed.update(json.loads(counts))
+        now = time.monotonic()
+        if now - last > _PROGRESS_S:
+            last, rate = now, done / (now - started)
+            print(f"[Label] {done:,}/{todo:,} images ({done / todo:.0%}), {rate:,.1f} images/s, "
+                  f"{sum(failed.values()):,} failed, ETA {(todo - done) / max(rate, 1e-9):,.0f} s")
+    if failed:
+        print(f"mlcls: {sum(failed.values()):,} image(s) could not be labeled: "
+              + ", ".join(f"{k} {n:,}" for k, n in failed.most_common()), file=sys.stderr)
