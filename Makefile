@@ -28,6 +28,8 @@ demo: demo-data
 		-o CheckDataset.split.enable=True -o CheckDataset.split.train_percent=80 -o CheckDataset.split.val_percent=20
 	$(VENV)/bin/mlcls -c $(DEMO_MODEL) -o Global.mode=train $(DEMO_TRAIN)
 	$(VENV)/bin/mlcls -c $(DEMO_MODEL) -o Global.mode=evaluate $(DEMO_TRAIN)
+	$(VENV)/bin/mlcls -c $(DEMO_MODEL) -o Global.mode=label $(DEMO_TRAIN) \
+		-o Label.input=$(DEMO_DIR)/images -o Label.output=$(DEMO_OUT)/labels
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -36,6 +38,8 @@ bench: $(VENV)/.installed
 	$(PY) jobs/bench_check.py --memory 20000
 	$(PY) jobs/bench_manifest.py
 	$(PY) jobs/bench_train.py
+	$(PY) jobs/bench_label.py
+	$(PY) jobs/bench_serve.py
 
 lock: $(VENV)/.installed
 	(echo "# Pins of everything that passed make test here. Regenerate with: make lock"; \

@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 
 __all__ = [
     "StorageError",
+    "aws_env",
     "backup",
     "delete",
     "exists",
@@ -97,6 +98,12 @@ def _s3_filesystem(bucket: str, env: tuple) -> pafs.S3FileSystem:
         if values["AWS_SESSION_TOKEN"]:
             kwargs["session_token"] = values["AWS_SESSION_TOKEN"]
     return pafs.S3FileSystem(**kwargs)
+
+
+def aws_env() -> dict[str, str]:
+    """The driver's ``AWS_*`` variables, for Ray tasks that resolve URIs themselves (``runtime_env``): a worker
+    started before the driver set them, or on another node, must reach the same endpoint with the same keys."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -51,7 +51,7 @@ FAILURE_FILE = "_FAILURE"
 _PLAN_DONE = "_COMPLETE.json"
 _PART = re.compile(r"part-(\d+)-[0-9a-f]{8}-n(\d+)\.parquet")
 _LOAD_BATCH = 32  # images read and decoded per CPU task batch; bounds a task's memory
-_WRITE_ROWS = 4096  # rows per part file at most: few files, small enough to write in a blink
+_WRITE_ROWS = 4096  # rows per part file at most (or a shard's size): few files, and progress kept often
 _PROGRESS_S = 10.0
 
 
@@ -116,13 +116,17 @@ def _parts(output: str) -> dict[int, list[tuple[str, int]]]:
     return found
 
 
+def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
 def _remaining_rows(output: str, shard: int, parts: list[tuple[str, int]]) -> pa.Table:
     """The plan rows of a shard cut short that its part files lack (a path listed twice is labeled twice)."""
-    plan = pq.read_table(storage.open_input(_shard_uri(output, shard)))
+    plan = _read_parquet(_shard_uri(output, shard))
     done = collections.Counter()
     for name, _ in parts:
-        done.update(pq.read_table(storage.open_input(storage.join(output, name)), columns=["path"])["path"]
-                    .to_pylist())
+        done.update(_read_parquet(storage.join(output, name), ["path"])["path"].to_pylist())
     keep = []
     for i, path in enumerate(plan["path"].to_pylist()):
         if done[path]:
@@ -262,7 +266,19 @@ def _label(cfg: Config, output: str) -> int:
           f"{summary['images_per_s_this_run'] or 0:,.1f} images/s), {sum(failed.values()):,} failed"
           + (f" ({', '.join(f'{k} {n:,}' for k, n in failed.most_common())})" if failed else "")
           + f"; Parquet: {output} (summary: {storage.join(output, SUCCESS_FILE)})")
+    _show_rows(output, parts)
     return 0
+
+
+def _show_rows(output: str, parts: dict[int, list[tuple[str, int]]], n: int = 3) -> None:
+    """Print the first rows of the first part file, so a user sees what the Parquet holds."""
+    name = min(parts[min(parts)])[0]
+    table = _read_parquet(storage.join(output, name)).slice(0, n)
+    print(f"[Label] first rows of {name}:")
+    for row in table.to_pylist():
+        top = sorted(zip(row["scores"] or [], range(len(row["scores"] or []))), reverse=True)[:3]
+        print(f"  {row['path']}: {row['label_names'] if row['error'] is None else row['error']}"
+              + (f" (top scores: {', '.join(f'{c}={s:.3f}' for s, c in top)})" if top else ""))
 
 
 def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, plan: dict, untouched: list[int],
@@ -280,16 +296,17 @@ def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, pl
     gpu = cfg["Global.device"].startswith("gpu")
     actors = inference_actors(cfg["Global.device"], cfg["Label.concurrency"])
     kwargs = actors.pop("fn_constructor_kwargs")
+    env = {"env_vars": storage.aws_env()}  # tasks resolve the image and output URIs themselves
     labeled = rows.map_batches(
         _load, fn_kwargs={"size": size, "decode": not gpu, "max_pixels": cfg["Global.max_image_pixels"],
                           "max_file_bytes": cfg["Global.max_file_bytes"]},
-        batch_size=_LOAD_BATCH, batch_format="numpy", num_cpus=0.5,  # I/O and PIL; unfused from the actors
+        batch_size=_LOAD_BATCH, batch_format="numpy", num_cpus=0.5, runtime_env=env,  # unfused from the actors
     ).map_batches(
         _Labeler, fn_constructor_kwargs={"model": model, "threshold": threshold,
                                          "max_pixels": cfg["Global.max_image_pixels"], **kwargs},
         batch_size=cfg["Label.batch_size"], batch_format="numpy", **actors,
-    ).map_batches(_write_parts, fn_kwargs={"output": output}, batch_size=_WRITE_ROWS, batch_format="pyarrow",
-                  num_cpus=0.25)
+    ).map_batches(_write_parts, fn_kwargs={"output": output}, batch_size=min(_WRITE_ROWS, plan["shard_size"]),
+                  batch_format="pyarrow", num_cpus=0.25, runtime_env=env)
     done, failed = 0, collections.Counter()
     started = last = time.monotonic()
     print(f"[Label] labeling {todo:,} images with {model} on {cfg['Global.device']}; output: {output}")
