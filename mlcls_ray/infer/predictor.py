@@ -43,11 +43,12 @@ class Predictor:
         max_pixels: images with more pixels are refused before they are decoded.
         threshold: the default decision rule (see :mod:`mlcls_ray.infer.thresholds`); None keeps the folder's
             calibrated per-class thresholds.
-        device_decode: on a GPU, decode plain JPEGs on the device (nvJPEG) instead of with PIL.
+        device_decode: decode plain JPEGs with torchvision on ``device`` (nvJPEG on a GPU) instead of with PIL;
+            None means on a GPU only.
     """
 
     def __init__(self, model: str, device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 threshold: thr.Threshold | None = None, device_decode: bool = True):
+                 threshold: thr.Threshold | None = None, device_decode: bool | None = None):
         self.device = torch.device(device)
         self.model, self.info = model_dir.load(model, self.device)
         self.max_pixels = max_pixels
@@ -58,7 +59,7 @@ class Predictor:
         self.amp = None
         if self.device.type == "cuda":
             self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.device_decode = device_decode and self.device.type == "cuda"
+        self.device_decode = self.device.type == "cuda" if device_decode is None else device_decode
 
     @property
     def image_size(self) -> int:
