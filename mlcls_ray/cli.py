@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -15,51 +16,16 @@ from mlcls_ray.errors import root_cause
 __all__ = ["main", "root_cause"]
 
 
-def _check_dataset(cfg: Config) -> int:
-    from mlcls_ray.data.check import run_check_dataset  # imports Ray Data; config errors stay fast without it
-
-    return run_check_dataset(cfg)
-
-
-def _train(cfg: Config) -> int:
-    from mlcls_ray.train.run import run_train
-
-    return run_train(cfg)
-
-
-def _evaluate(cfg: Config) -> int:
-    from mlcls_ray.train.evaluate import run_evaluate
-
-    return run_evaluate(cfg)
-
-
-def _export(cfg: Config) -> int:
-    from mlcls_ray.infer.export import run_export
-
-    return run_export(cfg)
-
-
-def _predict(cfg: Config) -> int:
-    from mlcls_ray.infer.predict import run_predict
-
-    return run_predict(cfg)
-
-
-def _label(cfg: Config) -> int:
-    from mlcls_ray.infer.label import run_label
-
-    return run_label(cfg)
-
-
-def _serve(cfg: Config) -> int:
-    from mlcls_ray.infer.serve import run_serve
-
-    return run_serve(cfg)
-
-
-MODES: dict[str, Callable[[Config], int]] = {"check_dataset": _check_dataset, "train": _train,
-                                             "evaluate": _evaluate, "export": _export, "predict": _predict,
-                                             "label": _label, "serve": _serve}
+# mode -> "module:function" of its runner, imported on use: a config error stays fast without Ray or torch
+MODES: dict[str, str] = {
+    "check_dataset": "mlcls_ray.data.check:run_check_dataset",
+    "train": "mlcls_ray.train.run:run_train",
+    "evaluate": "mlcls_ray.train.evaluate:run_evaluate",
+    "export": "mlcls_ray.infer.export:run_export",
+    "predict": "mlcls_ray.infer.predict:run_predict",
+    "label": "mlcls_ray.infer.label:run_label",
+    "serve": "mlcls_ray.infer.serve:run_serve",
+}
 _WITHOUT_RAY = ("export", "predict")  # one process: a Ray start-up would cost more than the work
 
 
@@ -107,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         storage.write_text(storage.join(cfg["Global.output"], "config.yaml"), cfg.to_yaml())
         if cfg["Global.mode"] not in _WITHOUT_RAY:
             _init_ray()
-        return MODES[cfg["Global.mode"]](cfg)
+        module, name = MODES[cfg["Global.mode"]].split(":")
+        runner: Callable[[Config], int] = getattr(importlib.import_module(module), name)
+        return runner(cfg)
     except Exception as exc:
         if os.environ.get("MLCLS_DEBUG"):
             raise

@@ -203,7 +203,12 @@ def test_readme_documents_every_key():
 
 
 def test_every_mode_the_config_accepts_has_a_runner():
+    import importlib
+
     from mlcls_ray.cli import MODES as RUNNERS
     from mlcls_ray.config import MODES
 
     assert set(MODES) == set(RUNNERS)
+    for target in RUNNERS.values():
+        module, name = target.split(":")
+        assert callable(getattr(importlib.import_module(module), name)), target
