@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="input size the model folder is saved at")
     parser.add_argument("--requests", type=int, default=400, help="requests per run (after a warm-up)")
     parser.add_argument("--batch", type=int, default=16, help="Serve.max_batch_size")
-    parser.add_argument("--wait", type=float, default=0.01, help="Serve.batch_wait_timeout_s")
+    parser.add_argument("--wait", type=float, default=0.05, help="Serve.batch_wait_timeout_s (the presets' default)")
     args = parser.parse_args()
 
     import ray

@@ -15,8 +15,9 @@ def inference_actors(device: str, concurrency: int | None = None) -> dict:
     """``map_batches`` arguments of a Predictor actor pool for ``Global.device``.
 
     On GPUs: ``concurrency`` actors (default one per GPU of ``gpu:0,1``), one GPU each. On CPU: ``concurrency``
-    actors (default 1), each reserving half of one node's CPUs and running torch on as many threads; the other half
-    decodes. Returns ``compute``, ``num_gpus`` or ``num_cpus``, and the ``fn_constructor_kwargs`` ``threads`` and
+    actors (default 1), each reserving half of one node's CPUs, so the other half can decode, but running torch on
+    every core of it: inference is most of the work, and decoding tasks take the cores it leaves idle (as a
+    DataLoader's workers share the cores with the model's threads). Returns ``compute``, ``num_gpus`` or ``num_cpus``, and the ``fn_constructor_kwargs`` ``threads`` and
     ``device`` for the actor class.
     """
     if device.startswith("gpu"):
@@ -28,6 +29,6 @@ def inference_actors(device: str, concurrency: int | None = None) -> dict:
         return {"compute": ActorPoolStrategy(size=size), "num_gpus": 1,
                 "fn_constructor_kwargs": {"threads": 1, "device": "cuda"}}
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=2)
-    threads = max(1, int(node_cpus) // 2)
-    return {"compute": ActorPoolStrategy(size=concurrency or 1), "num_cpus": threads,
-            "fn_constructor_kwargs": {"threads": threads, "device": "cpu"}}
+    size = concurrency or 1
+    return {"compute": ActorPoolStrategy(size=size), "num_cpus": max(1, int(node_cpus) // 2),
+            "fn_constructor_kwargs": {"threads": max(1, int(node_cpus) // size), "device": "cpu"}}

@@ -51,6 +51,7 @@ FAILURE_FILE = "_FAILURE"
 _PLAN_DONE = "_COMPLETE.json"
 _PART = re.compile(r"part-(\d+)-[0-9a-f]{8}-n(\d+)\.parquet")
 _LOAD_BATCH = 32  # images read and decoded per CPU task batch; bounds a task's memory
+_TASK_ROWS = 4 * _LOAD_BATCH  # images per decoding task: 77 MB of 448 px squares out, at most
 _WRITE_ROWS = 4096  # rows per part file at most (or a shard's size): few files, and progress kept often
 _PROGRESS_S = 10.0
 
@@ -293,6 +294,8 @@ def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, pl
     if partial:
         sources.append(ray.data.from_arrow([_remaining_rows(output, s, named) for s, named in partial.items()]))
     rows = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+    # a shard is one block of up to 10,000 URIs; small blocks spread decoding over tasks and start the actors early
+    rows = rows.repartition(target_num_rows_per_block=_TASK_ROWS)
     gpu = cfg["Global.device"].startswith("gpu")
     actors = inference_actors(cfg["Global.device"], cfg["Label.concurrency"])
     kwargs = actors.pop("fn_constructor_kwargs")

@@ -66,7 +66,7 @@ class ServeSettings:
     device: str = "cpu"  # cpu | gpu | gpu:0,1 as Global.device; on a GPU each replica takes one
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_batch_size: int = 16
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.05
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 16.0
