@@ -103,8 +103,8 @@ def main() -> None:
         ours.append(ray_label(args.model, model, folder, args.batch_size, out, args.device))
     print(f"\n{args.model} at {args.image_size} px, {args.images:,} JPEGs 640x480, batch {args.batch_size}, "
           f"{args.device}, best of {args.runs}")
-    print(f"  ours   (Ray Data label):         {max(ours):8.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in ours)})")
-    print(f"  plain  (DataLoader, 2 workers):  {max(plain):8.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in plain)})")
+    for name, runs in (("ours   (Ray Data label):       ", ours), ("plain  (DataLoader, 2 workers):", plain)):
+        print(f"  {name} {max(runs):8.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in runs)})")
     print(f"  ratio: {max(ours) / max(plain):.2f}x   (target >= 1.0x)")
 
 

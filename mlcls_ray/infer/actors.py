@@ -16,9 +16,9 @@ def inference_actors(device: str, concurrency: int | None = None) -> dict:
 
     On GPUs: ``concurrency`` actors (default one per GPU of ``gpu:0,1``), one GPU each. On CPU: ``concurrency``
     actors (default 1), each reserving half of one node's CPUs, so the other half can decode, but running torch on
-    every core of it: inference is most of the work, and decoding tasks take the cores it leaves idle (as a
-    DataLoader's workers share the cores with the model's threads). Returns ``compute``, ``num_gpus`` or ``num_cpus``, and the ``fn_constructor_kwargs`` ``threads`` and
-    ``device`` for the actor class.
+    its share of every core: inference is most of the work, and decoding tasks take the cores it leaves idle, as a
+    DataLoader's workers share the cores with the model's threads. Returns ``compute``, ``num_gpus`` or
+    ``num_cpus``, and the ``fn_constructor_kwargs`` ``threads`` and ``device`` for the actor class.
     """
     if device.startswith("gpu"):
         size = concurrency or device_count(device)

@@ -1,16 +1,11 @@
 """``Global.mode=label``: label every image of a folder, an ``s3://`` prefix or a list of URIs into Parquet, on Ray
 Data, streaming end to end, idempotent and resumable.
 
-``Label.output`` holds:
-
-- ``_plan/shard-<N>.parquet``: the input, listed once into shards of ``Label.shard_size`` URIs (``shard``,
-  ``path``); ``_plan/_COMPLETE.json`` marks the listing complete (input, shard size, images, shards).
-- ``part-<shard>-<id>-n<rows>.parquet``: the labels, one row per image (``path``, ``class_ids``, ``label_names``,
-  ``scores`` of every class in class order, ``error_kind``, ``error``). Every file holds rows of one shard and is
-  written atomically; its name carries its row count.
-- ``_SUCCESS``: a JSON summary, written once every shard is complete; ``_FAILURE``: the record of a failed run.
-  Names starting with ``_`` or ``.`` are skipped by Parquet readers (pyarrow, Spark, Ray), so the folder reads as
-  one table.
+``Label.output`` holds the shard plan and the part files (:mod:`mlcls_ray.infer.label_output`): one row per image
+(``path``, ``class_ids``, ``label_names``, ``scores`` of every class in class order, ``error_kind``, ``error``),
+each part file written atomically and holding rows of one shard; ``_SUCCESS``, a JSON summary written once every
+shard is complete; ``_FAILURE``, the record of a failed run. Names starting with ``_`` or ``.`` are skipped by
+Parquet readers (pyarrow, Spark, Ray), so the folder reads as one table.
 
 A rerun with the same output never lists the input again: it counts each shard's rows from its part files' names,
 skips complete shards and, for a shard a killed run cut short, labels only the rows its parts lack. No row is
@@ -22,14 +17,11 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import sys
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -38,103 +30,20 @@ from mlcls_ray import model_dir, results, storage
 from mlcls_ray.config import Config
 from mlcls_ray.data.images import ImageDecodeError, decode_image
 from mlcls_ray.data.pipeline import fetch_files
+from mlcls_ray.infer import label_output as out
 from mlcls_ray.infer import thresholds
 from mlcls_ray.infer.actors import inference_actors
-from mlcls_ray.infer.inputs import IMAGE_EXTENSIONS, iter_inputs
+from mlcls_ray.infer.label_output import LabelSetupError
 from mlcls_ray.infer.predictor import Predictor, preprocess
 
-__all__ = ["FAILURE_FILE", "PLAN_DIR", "SUCCESS_FILE", "LabelSetupError", "run_label"]
+__all__ = ["FAILURE_FILE", "SUCCESS_FILE", "LabelSetupError", "run_label"]
 
-PLAN_DIR = "_plan"
 SUCCESS_FILE = "_SUCCESS"
 FAILURE_FILE = "_FAILURE"
-_PLAN_DONE = "_COMPLETE.json"
-_PART = re.compile(r"part-(\d+)-[0-9a-f]{8}-n(\d+)\.parquet")
 _LOAD_BATCH = 32  # images read and decoded per CPU task batch; bounds a task's memory
 _TASK_ROWS = 4 * _LOAD_BATCH  # images per decoding task: 77 MB of 448 px squares out, at most
 _WRITE_ROWS = 4096  # rows per part file at most (or a shard's size): few files, and progress kept often
 _PROGRESS_S = 10.0
-
-
-class LabelSetupError(ValueError):
-    """The labeling run cannot start as configured; the message says what to change."""
-
-
-def _shard_uri(output: str, shard: int) -> str:
-    return storage.join(output, PLAN_DIR, f"shard-{shard:06d}.parquet")
-
-
-def _write_plan_shard(output: str, shard: int, paths: list[str]) -> None:
-    table = pa.table({"shard": pa.array(np.full(len(paths), shard, np.int32)), "path": pa.array(paths, pa.string())})
-    with storage.open_output(_shard_uri(output, shard)) as f:
-        pq.write_table(table, f)
-
-
-def _plan(source: str, output: str, shard_size: int) -> dict:
-    """List the input once into shards under ``_plan/``, or read back the plan an earlier run completed."""
-    marker = storage.join(output, PLAN_DIR, _PLAN_DONE)
-    if storage.exists(marker):
-        plan = json.loads(storage.read_text(marker))
-        if plan["input"] != source:
-            raise LabelSetupError(f"Label.output {output} holds the labels of {plan['input']}, not of {source}; "
-                                  "use another Label.output")
-        if plan["shard_size"] != shard_size:
-            print(f"mlcls: {output} was planned with Label.shard_size={plan['shard_size']}; resuming with that")
-        return plan
-    shards, images, paths = 0, 0, []
-    started = last = time.monotonic()
-    for uri, _ in iter_inputs(source):
-        paths.append(uri)
-        if len(paths) == shard_size:
-            _write_plan_shard(output, shards, paths)
-            shards, images, paths = shards + 1, images + len(paths), []
-            if time.monotonic() - last > _PROGRESS_S:
-                last = time.monotonic()
-                print(f"[Label] listed {images:,} images ({images / (last - started):,.0f}/s)")
-    if paths:
-        _write_plan_shard(output, shards, paths)
-        shards, images = shards + 1, images + len(paths)
-    if not images:
-        raise LabelSetupError(f"Label.input {source}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    plan = {"input": source, "shard_size": shard_size, "images": images, "shards": shards}
-    storage.write_text(marker, json.dumps(plan, indent=2) + "\n")
-    print(f"[Label] listed {images:,} images of {source} into {shards:,} shard(s)")
-    return plan
-
-
-def _planned_rows(plan: dict, shard: int) -> int:
-    last = plan["images"] - plan["shard_size"] * (plan["shards"] - 1)
-    return last if shard == plan["shards"] - 1 else plan["shard_size"]
-
-
-def _parts(output: str) -> dict[int, list[tuple[str, int]]]:
-    """``{shard: [(part file name, rows), ...]}`` of the part files in the output."""
-    found: dict[int, list[tuple[str, int]]] = collections.defaultdict(list)
-    for name in storage.list_files(output) if storage.exists(output) else []:
-        match = _PART.fullmatch(name)
-        if match:
-            found[int(match[1])].append((name, int(match[2])))
-    return found
-
-
-def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
-
-
-def _remaining_rows(output: str, shard: int, parts: list[tuple[str, int]]) -> pa.Table:
-    """The plan rows of a shard cut short that its part files lack (a path listed twice is labeled twice)."""
-    plan = _read_parquet(_shard_uri(output, shard))
-    done = collections.Counter()
-    for name, _ in parts:
-        done.update(_read_parquet(storage.join(output, name), ["path"])["path"].to_pylist())
-    keep = []
-    for i, path in enumerate(plan["path"].to_pylist()):
-        if done[path]:
-            done[path] -= 1
-        else:
-            keep.append(i)
-    return plan.take(pa.array(keep, pa.int64()))
 
 
 def _load(batch: dict[str, np.ndarray], size: int, decode: bool, max_pixels: int, max_file_bytes: int
@@ -197,7 +106,7 @@ def _write_parts(table: pa.Table, output: str) -> pa.Table:
     written = {"shard": [], "rows": [], "failed": []}
     for shard in np.unique(shards):
         rows = table.filter(pa.array(shards == shard)).drop_columns(["shard"])
-        name = f"part-{int(shard):06d}-{uuid.uuid4().hex[:8]}-n{rows.num_rows}.parquet"
+        name = out.part_name(int(shard), rows.num_rows)
         with storage.open_output(storage.join(output, name)) as f:
             pq.write_table(rows, f)
         kinds = collections.Counter(k for k in rows["error_kind"].to_pylist() if k)
@@ -205,16 +114,6 @@ def _write_parts(table: pa.Table, output: str) -> pa.Table:
         written["rows"].append(rows.num_rows)
         written["failed"].append(json.dumps(kinds))
     return pa.table(written)
-
-
-def _failures_in(output: str, parts: dict[int, list[tuple[str, int]]]) -> collections.Counter:
-    """Failed images by kind over every part file, read a column at a time (bounded memory)."""
-    fs, root = storage.resolve(output)
-    files = [f"{root.rstrip('/')}/{name}" for named in parts.values() for name, _ in named]
-    counts: collections.Counter = collections.Counter()
-    for batch in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["error_kind"]):
-        counts.update(k for k in batch.column(0).to_pylist() if k)
-    return counts
 
 
 def run_label(cfg: Config) -> int:
@@ -230,17 +129,17 @@ def _label(cfg: Config, output: str) -> int:
     threshold = cfg["Label.threshold"]
     thresholds.resolve(threshold, info.label_names, info.thresholds)  # a bad one fails here, not in an actor
     source = storage.absolute(cfg["Label.input"])
-    plan = _plan(source, output, cfg["Label.shard_size"])
-    parts = _parts(output)
+    plan = out.load_plan(source, output, cfg["Label.shard_size"])
+    parts = out.list_parts(output)
     for shard, named in parts.items():
-        if sum(n for _, n in named) > _planned_rows(plan, shard) or shard >= plan["shards"]:
+        if sum(n for _, n in named) > out.planned_rows(plan, shard) or shard >= plan["shards"]:
             raise LabelSetupError(f"{output}: shard {shard} has more labeled rows than its plan "
                                   f"({', '.join(n for n, _ in named)}); was a second run writing here at the same "
                                   "time? Use another Label.output")
-    partial = [s for s, named in parts.items() if sum(n for _, n in named) < _planned_rows(plan, s)]
+    partial = [s for s, named in parts.items() if sum(n for _, n in named) < out.planned_rows(plan, s)]
     untouched = [s for s in range(plan["shards"]) if s not in parts]
-    todo = sum(_planned_rows(plan, s) for s in untouched) + sum(
-        _planned_rows(plan, s) - sum(n for _, n in parts[s]) for s in partial)
+    todo = sum(out.planned_rows(plan, s) for s in untouched) + sum(
+        out.planned_rows(plan, s) - sum(n for _, n in parts[s]) for s in partial)
     if todo < plan["images"]:
         print(f"[Label] resuming {output}: {plan['images'] - todo:,} of {plan['images']:,} images already labeled")
     started = time.monotonic()
@@ -248,12 +147,12 @@ def _label(cfg: Config, output: str) -> int:
         _run_pipeline(cfg, model, info.spec.image_size, threshold, output, plan, untouched,
                                  {s: parts[s] for s in partial}, todo)
     seconds = time.monotonic() - started
-    parts = _parts(output)
-    short = [s for s in range(plan["shards"]) if sum(n for _, n in parts.get(s, [])) != _planned_rows(plan, s)]
+    parts = out.list_parts(output)
+    short = [s for s in range(plan["shards"]) if sum(n for _, n in parts.get(s, [])) != out.planned_rows(plan, s)]
     if short:
         raise RuntimeError(f"{len(short)} shard(s) were not completely labeled (first: {short[0]}); run the same "
                            "command again to finish them")
-    failed = _failures_in(output, parts)
+    failed = out.failures_in(output, parts)
     summary = {"done_flag": True, "input": source, "output": output, "model_dir": model,
                "images": plan["images"], "labeled_this_run": todo, "failed_images": sum(failed.values()),
                "failed_by_kind": dict(failed.most_common()), "shards": plan["shards"],
@@ -271,10 +170,10 @@ def _label(cfg: Config, output: str) -> int:
     return 0
 
 
-def _show_rows(output: str, parts: dict[int, list[tuple[str, int]]], n: int = 3) -> None:
+def _show_rows(output: str, parts: out.Parts, n: int = 3) -> None:
     """Print the first rows of the first part file, so a user sees what the Parquet holds."""
     name = min(parts[min(parts)])[0]
-    table = _read_parquet(storage.join(output, name)).slice(0, n)
+    table = out.read_parquet(storage.join(output, name)).slice(0, n)
     print(f"[Label] first rows of {name}:")
     for row in table.to_pylist():
         top = sorted(zip(row["scores"] or [], range(len(row["scores"] or []))), reverse=True)[:3]
@@ -283,16 +182,16 @@ def _show_rows(output: str, parts: dict[int, list[tuple[str, int]]], n: int = 3)
 
 
 def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, plan: dict, untouched: list[int],
-                  partial: dict[int, list[tuple[str, int]]], todo: int) -> None:
+                  partial: out.Parts, todo: int) -> None:
     """Label the rows still to do, printing progress."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress lines say more
     fs, _ = storage.resolve(output)
     sources = []
     if untouched:
-        sources.append(ray.data.read_parquet([storage.resolve(_shard_uri(output, s))[1] for s in untouched],
+        sources.append(ray.data.read_parquet([storage.resolve(out.shard_uri(output, s))[1] for s in untouched],
                                              filesystem=fs))
     if partial:
-        sources.append(ray.data.from_arrow([_remaining_rows(output, s, named) for s, named in partial.items()]))
+        sources.append(ray.data.from_arrow([out.remaining_rows(output, s, named) for s, named in partial.items()]))
     rows = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
     # a shard is one block of up to 10,000 URIs; small blocks spread decoding over tasks and start the actors early
     rows = rows.repartition(target_num_rows_per_block=_TASK_ROWS)

@@ -55,7 +55,8 @@ def _save(out: str, name: str, result: dict, data: bytes | None, max_pixels: int
     storage.write_text(storage.join(out, f"{name}_res.json"), json.dumps({"res": result}, ensure_ascii=False) + "\n")
     if data is not None:
         shown = [f"{n} ({s:.2f})" for n, s in zip(result["label_names"], result["scores"])]
-        storage.write_bytes(storage.join(out, f"{name}_res.jpg"), demo_image_jpeg(decode_image(data, max_pixels), shown))
+        drawn = demo_image_jpeg(decode_image(data, max_pixels), shown)
+        storage.write_bytes(storage.join(out, f"{name}_res.jpg"), drawn)
 
 
 def run_predict(cfg: Config) -> int:
