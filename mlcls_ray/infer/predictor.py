@@ -90,7 +90,8 @@ class Predictor:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """``[B, S, S, 3]`` uint8 from :meth:`preprocess` -> ``[B, C]`` float32 logits (the device half)."""
-        return self._forward(torch.from_numpy(batch))
+        # Ray Data hands out read-only arrays; torch wants writable ones even to read them (uint8: a cheap copy)
+        return self._forward(torch.from_numpy(batch if batch.flags.writeable else batch.copy()))
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """``[B, S, S, 3]`` uint8 -> ``[B, C]`` float32 probabilities."""
