@@ -87,7 +87,8 @@ SCHEMA: dict[str, Key] = {
     "Train.learning_rate": Key(float, "AdamW learning rate", min=0.0, max=1.0),
     "Train.pretrain_weight_path": Key(str, f"pretrained weights, {_PATH}", nullable=True),
     "Train.warmup_steps": Key(int, "warm-up epochs (PaddleX's name)", min=0),
-    "Train.resume_path": Key(str, f"checkpoint to resume from, {_PATH}", nullable=True),
+    "Train.resume_path": Key(str, f"checkpoint folder to resume from ({_PATH}), latest, or auto (latest if there "
+                             "is one, else start afresh: for retried jobs)", nullable=True),
     "Train.log_interval": Key(int, "log every N steps", min=1),
     "Train.eval_interval": Key(int, "evaluate every N epochs", min=1),
     "Train.save_interval": Key(int, "save every N epochs", min=1),

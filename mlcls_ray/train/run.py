@@ -121,15 +121,16 @@ def _resume_source(cfg: Config) -> str | None:
     path, output = cfg["Train.resume_path"], cfg["Global.output"]
     if path is None:
         return None
-    if path == "latest":
+    if path in ("latest", "auto"):  # auto: a retried job resumes, its first attempt starts afresh
         found = latest_checkpoint(output)
-        if found is None:
+        if found is None and path == "latest":
             raise TrainSetupError("Train.resume_path=latest: no checkpoint under "
-                                  f"{storage.join(output, CHECKPOINTS_DIR)}")
+                                  f"{storage.join(output, CHECKPOINTS_DIR)}; -o Train.resume_path=auto starts "
+                                  "afresh when there is none")
         return found
     if not storage.exists(storage.join(path, STATE_FILE)):
         raise TrainSetupError(f"Train.resume_path: {path} is not a checkpoint folder (no {STATE_FILE}); "
-                              "use an epoch_<N> folder under <Global.output>/checkpoints, or latest")
+                              "use an epoch_<N> folder under <Global.output>/checkpoints, latest, or auto")
     return path
 
 

@@ -192,15 +192,15 @@ def test_rayjob_lifecycle(name):
     assert "rayClusterSpec" in spec, name
 
 
-def test_train_job_uses_gpu_workers_it_can_get_and_never_resumes_latest_blindly():
+def test_train_job_uses_gpu_workers_it_can_get_and_a_retry_resumes():
     doc = _kind("RayJob")["kuberay-rayjob-train.yaml"]
     script, _, overrides = _entrypoint(doc)
     assert script.endswith("/jobs/train.py")
     o = dict(t.split("=", 1) for t in overrides)
     assert o["Global.device"] == "gpu"
-    # Train.resume_path=latest fails when no checkpoint exists yet: the first attempt (and so every retry) would
-    # fail before training. A retried attempt runs the same entrypoint.
-    assert o.get("Train.resume_path") in (None, "null", "None")
+    # a retried attempt runs the same entrypoint: auto resumes it, and starts the first attempt afresh (latest
+    # would fail the first attempt, which has no checkpoint yet)
+    assert o.get("Train.resume_path") == "auto"
     assert int(o["Train.max_failures"]) >= 1, "node loss should be survived inside the run"
     gpu = [g for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"] if _gpus(g["template"]["spec"])]
     assert int(o["Train.num_workers"]) <= sum(g["maxReplicas"] * _gpus(g["template"]["spec"]) for g in gpu)
