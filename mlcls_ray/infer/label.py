@@ -131,24 +131,17 @@ def _label(cfg: Config, output: str) -> int:
     source = storage.absolute(cfg["Label.input"])
     plan = out.load_plan(source, output, cfg["Label.shard_size"])
     parts = out.list_parts(output)
-    for shard, named in parts.items():
-        if sum(n for _, n in named) > out.planned_rows(plan, shard) or shard >= plan["shards"]:
-            raise LabelSetupError(f"{output}: shard {shard} has more labeled rows than its plan "
-                                  f"({', '.join(n for n, _ in named)}); was a second run writing here at the same "
-                                  "time? Use another Label.output")
-    partial = [s for s, named in parts.items() if sum(n for _, n in named) < out.planned_rows(plan, s)]
-    untouched = [s for s in range(plan["shards"]) if s not in parts]
-    todo = sum(out.planned_rows(plan, s) for s in untouched) + sum(
-        out.planned_rows(plan, s) - sum(n for _, n in parts[s]) for s in partial)
+    missing = out.missing_rows(plan, parts, output)
+    todo = sum(missing.values())
     if todo < plan["images"]:
         print(f"[Label] resuming {output}: {plan['images'] - todo:,} of {plan['images']:,} images already labeled")
     started = time.monotonic()
     if todo:
-        _run_pipeline(cfg, model, info.spec.image_size, threshold, output, plan, untouched,
-                                 {s: parts[s] for s in partial}, todo)
+        _run_pipeline(cfg, model, info.spec.image_size, threshold, output, plan, [s for s in missing if s not in parts],
+                      {s: parts[s] for s in missing if s in parts}, todo)
     seconds = time.monotonic() - started
     parts = out.list_parts(output)
-    short = [s for s in range(plan["shards"]) if sum(n for _, n in parts.get(s, [])) != out.planned_rows(plan, s)]
+    short = list(out.missing_rows(plan, parts, output))
     if short:
         raise RuntimeError(f"{len(short)} shard(s) were not completely labeled (first: {short[0]}); run the same "
                            "command again to finish them")
@@ -166,11 +159,11 @@ def _label(cfg: Config, output: str) -> int:
           f"{summary['images_per_s_this_run'] or 0:,.1f} images/s), {sum(failed.values()):,} failed"
           + (f" ({', '.join(f'{k} {n:,}' for k, n in failed.most_common())})" if failed else "")
           + f"; Parquet: {output} (summary: {storage.join(output, SUCCESS_FILE)})")
-    _show_rows(output, parts)
+    _show_rows(output, parts, info.label_names)
     return 0
 
 
-def _show_rows(output: str, parts: out.Parts, n: int = 3) -> None:
+def _show_rows(output: str, parts: out.Parts, names: list[str], n: int = 3) -> None:
     """Print the first rows of the first part file, so a user sees what the Parquet holds."""
     name = min(parts[min(parts)])[0]
     table = out.read_parquet(storage.join(output, name)).slice(0, n)
@@ -178,7 +171,7 @@ def _show_rows(output: str, parts: out.Parts, n: int = 3) -> None:
     for row in table.to_pylist():
         top = sorted(zip(row["scores"] or [], range(len(row["scores"] or []))), reverse=True)[:3]
         print(f"  {row['path']}: {row['label_names'] if row['error'] is None else row['error']}"
-              + (f" (top scores: {', '.join(f'{c}={s:.3f}' for s, c in top)})" if top else ""))
+              + (f" (top scores: {', '.join(f'{names[c]} {s:.3f}' for s, c in top)})" if top else ""))
 
 
 def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, plan: dict, untouched: list[int],

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from mlcls_ray import storage
 from mlcls_ray.infer.inputs import IMAGE_EXTENSIONS, iter_inputs
 
-__all__ = ["PLAN_DIR", "LabelSetupError", "Parts", "failures_in", "list_parts", "load_plan", "part_name",
-           "planned_rows", "read_parquet", "remaining_rows", "shard_uri"]
+__all__ = ["PLAN_DIR", "LabelSetupError", "Parts", "failures_in", "list_parts", "load_plan", "missing_rows",
+           "part_name", "planned_rows", "read_parquet", "remaining_rows", "shard_uri"]
 
 PLAN_DIR = "_plan"
 _PLAN_DONE = "_COMPLETE.json"
@@ -90,6 +90,25 @@ def list_parts(output: str) -> Parts:
         if match:
             found[int(match[1])].append((name, int(match[2])))
     return found
+
+
+def missing_rows(plan: dict, parts: Parts, output: str) -> dict[int, int]:
+    """``{shard: rows still to label}`` for every shard not complete (a shard without parts: all its rows).
+
+    Raises:
+        LabelSetupError: a shard has more rows than its plan, as two runs writing into one output leave it.
+    """
+    missing = {}
+    for shard in set(range(plan["shards"])) | set(parts):
+        named = parts.get(shard, [])
+        done, planned = sum(n for _, n in named), planned_rows(plan, shard) if shard < plan["shards"] else 0
+        if done > planned:
+            raise LabelSetupError(f"{output}: shard {shard} has more labeled rows than its plan "
+                                  f"({', '.join(name for name, _ in named)}); was a second run writing here at the "
+                                  "same time? Use another Label.output")
+        if done < planned:
+            missing[shard] = planned - done
+    return dict(sorted(missing.items()))
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
