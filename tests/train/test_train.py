@@ -1,16 +1,12 @@
-"""Training on a real local Ray (2 CPUs, gloo): DDP against a plain loop, worker loss, resume, S3, evaluate."""
+"""Training on a real local Ray (2 CPUs, gloo): DDP against a plain loop, outputs, resume and evaluate. Node loss,
+S3 data and S3 outputs are in tests/cluster/test_multinode.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from mlcls_ray import model_dir, storage
@@ -22,7 +18,7 @@ from mlcls_ray.infer.predictor import Predictor
 from mlcls_ray.metrics import mean_average_precision
 from mlcls_ray.train.baseline import plain_train
 from mlcls_ray.train.run import latest_checkpoint
-from tests.helpers import make_quadrants, upload_tree
+from tests.helpers import make_quadrants
 
 pytestmark = pytest.mark.usefixtures("ray_start_2_cpus")
 
@@ -99,42 +95,6 @@ def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadran
     assert mean_average_precision(logits, labels) == pytest.approx(best["score"], abs=1e-4)
 
 
-def _train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-
-
-def test_a_killed_worker_restarts_the_group_from_the_latest_checkpoint(quadrants, tmp_path):
-    out = tmp_path / "out"
-    killed, scores = [], []
-
-    def kill_after_first_checkpoint():
-        # Ray registers a reported checkpoint asynchronously; its run snapshot naming one means it was registered
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            snapshots = list(out.glob("checkpoints/*/checkpoint_manager_snapshot.json"))
-            if snapshots and "epoch_1" in snapshots[0].read_text():
-                break
-            time.sleep(0.1)
-        best_before = json.loads((out / "train_result.json").read_text())["models"]["best"]["score"]
-        scores.append(best_before)
-        workers = _train_workers()
-        if workers:
-            os.kill(workers[-1].pid, signal.SIGKILL)
-            killed.append(workers[-1].pid)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    assert _train(str(quadrants), str(out), "Train.epochs_iters=5", "Train.max_failures=1") == 0
-    killer.join()
-    assert killed, "no training worker was found to kill"
-    log = (out / "train.log").read_text()
-    restart = log.index("resumed from its latest checkpoint")
-    assert "epochs 1-" not in log[restart - 200:restart]  # it went on from a saved epoch, not from scratch
-    assert "[Train][Epoch 5/5][Avg]" in log[restart:]
-    result = _result(str(out))
-    assert result["done_flag"] is True and result["models"]["best"]["score"] >= scores[0]  # never a worse model
-
-
 def test_resume_path_latest_continues_a_finished_run(quadrants, tmp_path):
     out = tmp_path / "out"
     assert _train(str(quadrants), str(out), "Train.epochs_iters=1") == 0
@@ -168,16 +128,3 @@ def test_too_many_cpus_per_worker_is_refused_before_it_can_hang(quadrants, tmp_p
 def test_gpu_training_without_gpus_says_so(quadrants, tmp_path, capsys):
     assert _train(str(quadrants), str(tmp_path / "out"), "Global.device=gpu:0,1") == 1
     assert "Global.device=gpu:0,1 asks for 2 GPU worker(s), but the Ray cluster has 0 GPU(s)" in capsys.readouterr().err
-
-
-def test_dataset_checkpoints_and_model_on_s3(quadrants, s3_bucket):
-    upload_tree(quadrants, f"{s3_bucket}/data")
-    out = f"{s3_bucket}/runs/r1"
-    assert _train(f"{s3_bucket}/data", out, "Train.epochs_iters=1") == 0
-    result = _result(out)
-    assert result["done_flag"] is True
-    assert storage.exists(f"{out}/{result['models']['last_1']['checkpoint']}/state.pt")
-    info = model_dir.read_info(f"{out}/best_model")
-    assert info.label_names == ["top_left", "top_right", "bottom_left", "bottom_right"]
-    assert len(info.thresholds) == 4 and all(np.isfinite(info.thresholds))
-    assert storage.exists(f"{out}/train.log") and storage.exists(f"{out}/curves.png")
