@@ -5,6 +5,7 @@ worker node and finishes from its checkpoint on a replacement, then labeling acr
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -15,7 +16,7 @@ import boto3
 import pyarrow.dataset as pads
 import pytest
 
-from mlcls_ray import storage
+from mlcls_ray import model_dir, storage
 from tests.cluster.local_cluster import LocalCluster
 from tests.helpers import make_quadrants, upload_tree, write_image
 
@@ -99,6 +100,10 @@ def test_a_submitted_training_job_runs_one_worker_on_each_node_and_writes_to_s3(
     for name in ("model.safetensors", "inference.yml"):
         assert storage.exists(f"{out}/best_model/{name}"), name
     assert storage.exists(f"{out}/{result['models']['last_1']['checkpoint']}/state.pt")
+    info = model_dir.read_info(f"{out}/best_model")
+    assert info.label_names == ["top_left", "top_right", "bottom_left", "bottom_right"]
+    assert len(info.thresholds) == 4 and all(math.isfinite(t) for t in info.thresholds)
+    assert storage.exists(f"{out}/train.log") and storage.exists(f"{out}/curves.png")
     assert len(trained["first_group"]) == 2, trained  # the two DDP ranks ran on different nodes
 
 
