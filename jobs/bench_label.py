@@ -33,9 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.bench_check import make_jpegs  # noqa: E402
 from mlcls_ray import model_dir  # noqa: E402
 from mlcls_ray.cli import main as mlcls  # noqa: E402
-from mlcls_ray.data.images import decode_image  # noqa: E402
-from mlcls_ray.data.transforms import resize_square  # noqa: E402
-from mlcls_ray.infer.predictor import Predictor  # noqa: E402
+from mlcls_ray.infer.predictor import Predictor, decode_square  # noqa: E402
 from mlcls_ray.models.zoo import ModelSpec, build_model  # noqa: E402
 
 
@@ -48,7 +46,7 @@ class _Files(Dataset):
 
     def __getitem__(self, i: int) -> np.ndarray:
         with open(self.paths[i], "rb") as f:
-            return resize_square(decode_image(f.read()), self.size)
+            return decode_square(f.read(), self.size)
 
 
 def plain_loop(model: str, paths: list[str], batch_size: int, out: Path, device: str) -> float:

@@ -28,13 +28,13 @@ import torch
 
 from mlcls_ray import model_dir, results, storage
 from mlcls_ray.config import Config
-from mlcls_ray.data.images import ImageDecodeError, decode_image
+from mlcls_ray.data.images import ImageDecodeError
 from mlcls_ray.data.pipeline import fetch_files
 from mlcls_ray.infer import label_output as out
 from mlcls_ray.infer import thresholds
 from mlcls_ray.infer.actors import inference_actors
 from mlcls_ray.infer.label_output import LabelSetupError
-from mlcls_ray.infer.predictor import Predictor, preprocess
+from mlcls_ray.infer.predictor import Predictor, decode_square
 
 __all__ = ["FAILURE_FILE", "SUCCESS_FILE", "LabelSetupError", "run_label"]
 
@@ -59,7 +59,7 @@ def _load(batch: dict[str, np.ndarray], size: int, decode: bool, max_pixels: int
             images[i] = data
         else:
             try:
-                images[i] = preprocess([decode_image(data, max_pixels)], size)[0]
+                images[i] = decode_square(data, size, max_pixels)
             except ImageDecodeError as exc:
                 kinds[i], reasons[i] = exc.kind, exc.reason
     return {"shard": batch["shard"], "path": batch["path"], "image" if decode else "data": images,

@@ -19,7 +19,7 @@ from mlcls_ray.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_i
 from mlcls_ray.data.transforms import resize_square, resize_square_on_device, to_model_input
 from mlcls_ray.infer import thresholds as thr
 
-__all__ = ["Predictor", "preprocess"]
+__all__ = ["Predictor", "decode_square", "preprocess"]
 
 
 def preprocess(images: Sequence[np.ndarray], size: int) -> np.ndarray:
@@ -27,6 +27,15 @@ def preprocess(images: Sequence[np.ndarray], size: int) -> np.ndarray:
     if not len(images):
         return np.zeros((0, size, size, 3), np.uint8)
     return np.stack([resize_square(img, size) for img in images])
+
+
+def decode_square(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An image file's bytes -> ``[S, S, 3]`` uint8, through the one decoder and the squish resize.
+
+    Raises:
+        ImageDecodeError: the file is not an image, is corrupt, or is over the pixel limit.
+    """
+    return resize_square(decode_image(data, max_pixels), size)
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -74,12 +83,8 @@ class Predictor:
         return preprocess(images, self.image_size)
 
     def decode(self, data: bytes) -> np.ndarray:
-        """An image file's bytes -> ``[S, S, 3]`` uint8, through the one decoder.
-
-        Raises:
-            ImageDecodeError: the file is not an image, is corrupt, or is over the pixel limit.
-        """
-        return resize_square(decode_image(data, self.max_pixels), self.image_size)
+        """An image file's bytes -> ``[S, S, 3]`` uint8 (:func:`decode_square` at this model's size)."""
+        return decode_square(data, self.image_size, self.max_pixels)
 
     @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
