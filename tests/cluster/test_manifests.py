@@ -229,6 +229,7 @@ def test_rayservice_serves_the_same_app_as_serve_yaml():
 
 @pytest.mark.parametrize("name", sorted(_serve_configs()))
 def test_serve_config_validates_and_builds(name):
+    from ray.serve.config import AutoscalingConfig
     from ray.serve.deployment import Application
     from ray.serve.schema import ServeDeploySchema
 
@@ -248,8 +249,9 @@ def test_serve_config_validates_and_builds(name):
         deployed = built._bound_deployment.name
         for d in app.get("deployments", []):
             assert d["name"] == deployed, f"{name}: deployment {d['name']!r} is not in the app ({deployed!r})"
-            auto = d["autoscaling_config"]
-            assert 1 <= auto["min_replicas"] <= auto["max_replicas"], name
+            # Serve's own check of the autoscaling fields (ServeDeploySchema keeps them as a plain dict)
+            auto = AutoscalingConfig(**d["autoscaling_config"])
+            assert auto.min_replicas >= 1, f"{name}: keep one replica warm, or the first request waits for a GPU pod"
             assert d["ray_actor_options"]["num_gpus"] == 1, name
             assert d["max_ongoing_requests"] >= 2 * d["user_config"]["max_batch_size"], name
 
@@ -261,10 +263,15 @@ def test_serve_validation_can_fail():
 
     from pydantic import ValidationError
 
+    from ray.serve.config import AutoscalingConfig
+
     config = copy.deepcopy(_serve_configs()["serve.yaml"])
-    config["applications"][0]["deployments"][0]["max_ongoing_requests"] = -1
+    deployment = config["applications"][0]["deployments"][0]
+    deployment["max_ongoing_requests"] = -1
     with pytest.raises(ValidationError):
         ServeDeploySchema.model_validate(config)
+    with pytest.raises(ValidationError, match="max_replicas"):
+        AutoscalingConfig(**{**deployment["autoscaling_config"], "min_replicas": 5, "max_replicas": 2})
     with pytest.raises(ValueError):
         ServeSettings.from_args({**config["applications"][0]["args"], "max_batch_sise": 8})
 
