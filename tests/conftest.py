@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import boto3
 import pytest
+
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -20,18 +21,13 @@ def ray_start_2_cpus():
     ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server on loopback; the AWS variables point every client (pyarrow, boto3) at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {

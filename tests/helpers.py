@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import boto3
 
 from mlcls_ray import storage
 from mlcls_ray.data.mlcls_format import format_label_file, format_line
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def upload_tree(local: Path, s3_uri: str) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,14 @@ from pathlib import Path
 
 import psutil
 
+from tests.helpers import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 # the GCS declares a lost node dead after about 3 s instead of about 20 s, so a node-loss test waits less
 FAST_NODE_DEATH = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
                    "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:
@@ -108,7 +104,6 @@ class LocalCluster:
     def wait_for_job(self, submission_id: str, timeout: float = 300) -> tuple[str, str]:
         """The job's final status and its logs."""
         deadline = time.monotonic() + timeout
-        status = "TIMEOUT"
         while time.monotonic() < deadline:
             status = self.get(f"/api/jobs/{submission_id}")["status"]
             if status in ("SUCCEEDED", "FAILED", "STOPPED"):
@@ -126,7 +121,8 @@ class LocalCluster:
     def kill(node: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         """Signal a node's whole process tree: the ``ray start`` process, its raylet and the workers under it."""
         try:
-            tree = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+            root = psutil.Process(node.pid)
+            tree = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             tree = []
         for proc in tree:

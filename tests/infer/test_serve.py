@@ -8,7 +8,6 @@ import http.server
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,17 +25,13 @@ import yaml
 from mlcls_ray.config import load_config
 from mlcls_ray.infer import serve as srv
 from mlcls_ray.infer.predictor import Predictor
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # small limits to test them with small files; URLs on, to test what is refused (the CLI test sees the default: off)
 LIMITS = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_image_bytes": 200_000, "max_image_pixels": 100_000,
           "max_images_per_request": 8, "allow_urls": True, "url_timeout_s": 1.0}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _encode(img, fmt: str = "JPEG") -> bytes:
@@ -61,7 +56,7 @@ def served(ray_start_2_cpus, tiny_model):
     """The app on a free port with LIMITS, on the session's Ray."""
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handle = serve.run(srv.build_app({"model_dir": tiny_model, **LIMITS}), name="mlcls", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
@@ -292,7 +287,7 @@ def test_serve_config_file_validates_and_its_import_path_builds():
 
 
 def test_cli_serve_mode_runs_until_sigterm(tiny_model, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "mlcls_ray.cli", "-c", "test_resnet_ML", "-o", "Global.mode=serve",
