@@ -43,7 +43,6 @@ FAILURE_FILE = "_FAILURE"
 _LOAD_BATCH = 32  # images read and decoded per CPU task batch; bounds a task's memory
 _TASK_ROWS = 4 * _LOAD_BATCH  # images per decoding task: 77 MB of 448 px squares out, at most
 _WRITE_ROWS = 4096  # rows per part file at most (or a shard's size): few files, and progress kept often
-_PROGRESS_S = 10.0
 
 
 def _load(batch: dict[str, np.ndarray], size: int, decode: bool, max_pixels: int, max_file_bytes: int
@@ -210,7 +209,7 @@ def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, pl
         for counts in batch["failed"].to_pylist():
             failed.update(json.loads(counts))
         now = time.monotonic()
-        if now - last > _PROGRESS_S:
+        if now - last > out.PROGRESS_S:
             last, rate = now, done / (now - started)
             print(f"[Label] {done:,}/{todo:,} images ({done / todo:.0%}), {rate:,.1f} images/s, "
                   f"{sum(failed.values()):,} failed, ETA {(todo - done) / max(rate, 1e-9):,.0f} s")

@@ -21,13 +21,13 @@ import pyarrow.parquet as pq
 from mlcls_ray import storage
 from mlcls_ray.infer.inputs import IMAGE_EXTENSIONS, iter_inputs
 
-__all__ = ["PLAN_DIR", "LabelSetupError", "Parts", "failures_in", "list_parts", "load_plan", "missing_rows",
-           "part_name", "planned_rows", "read_parquet", "remaining_rows", "shard_uri"]
+__all__ = ["PLAN_DIR", "PROGRESS_S", "LabelSetupError", "Parts", "failures_in", "list_parts", "load_plan",
+           "missing_rows", "part_name", "planned_rows", "read_parquet", "remaining_rows", "shard_uri"]
 
 PLAN_DIR = "_plan"
 _PLAN_DONE = "_COMPLETE.json"
 _PART = re.compile(r"part-(\d+)-[0-9a-f]{8}-n(\d+)\.parquet")
-_PROGRESS_S = 10.0
+PROGRESS_S = 10.0  # seconds between progress lines, while listing and while labeling
 Parts = dict[int, list[tuple[str, int]]]  # shard -> [(part file name, rows), ...]
 
 
@@ -63,7 +63,7 @@ def load_plan(source: str, output: str, shard_size: int) -> dict:
         if len(paths) == shard_size:
             _write_plan_shard(output, shards, paths)
             shards, images, paths = shards + 1, images + len(paths), []
-            if time.monotonic() - last > _PROGRESS_S:
+            if time.monotonic() - last > PROGRESS_S:
                 last = time.monotonic()
                 print(f"[Label] listed {images:,} images ({images / (last - started):,.0f}/s)")
     if paths:
