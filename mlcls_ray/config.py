@@ -1,8 +1,9 @@
-"""The one config system: PaddleX key names, preset YAMLs as the only source of defaults, ``-o`` overrides.
+"""The one config system: PaddleX key names, the packaged YAMLs as the only source of defaults, ``-o`` overrides.
 
 A config is a flat mapping of dotted keys (``Global.mode``) to values. :data:`SCHEMA` says what each key accepts;
-the preset YAMLs under ``mlcls_ray/configs/`` give every key its default. Validation collects every problem and
-raises one :class:`ConfigError`.
+the YAMLs under ``mlcls_ray/configs/`` give every key its default: the base ``_timm_ML.yaml`` holds every key, and
+each preset YAML only what differs for its model. Validation collects every problem and raises one
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ __all__ = ["SCHEMA", "Config", "ConfigError", "Key", "device_count", "list_prese
 
 MODES = ("check_dataset", "train", "evaluate", "export", "predict", "label", "serve")
 _DATASET_MODES = ("check_dataset", "train", "evaluate")  # the modes that read Global.dataset_dir
-_GENERIC = "_timm_ML"  # the recipe of any timm backbone named as `-c <timm_name>_ML`
+_BASE = "_timm_ML"  # every preset's base, and the whole recipe of any timm backbone named as `-c <timm_name>_ML`
 
 
 class ConfigError(ValueError):
@@ -105,7 +106,6 @@ SCHEMA: dict[str, Key] = {
                                  "the cluster's CPUs shared by the workers", nullable=True, min=0.01),
     "Train.max_failures": Key(int, "restarts from the latest checkpoint after a worker or node is lost", min=0),
     "Evaluate.weight_path": Key(str, f"model to evaluate, {_PATH}", nullable=True),
-    "Evaluate.log_interval": Key(int, "log every N steps", min=1),
     "Evaluate.batch_size": Key(int, "images per inference batch", min=1),
     "Export.weight_path": Key(str, f"model folder to export, {_PATH}; null = <Global.output>/best_model",
                               nullable=True),
@@ -142,6 +142,8 @@ SCHEMA: dict[str, Key] = {
 }
 
 _SGD_SCALE_LR = 0.01  # PaddleX module YAMLs ship 0.05-0.1 with AdamW
+# keys of PaddleX's module YAMLs that mean nothing here: a file's are dropped with a warning, so such a YAML loads as is
+_PADDLEX_UNUSED = {"Evaluate.log_interval": "evaluation logs no steps"}
 _NULLS = ("None", "none", "null", "Null", "NULL", "~", "")
 
 
@@ -293,15 +295,20 @@ def _timm_backbones() -> list[str]:
     return timm.list_models()
 
 
+def _packaged(name: str) -> dict[str, Any]:
+    """The values one YAML under ``mlcls_ray/configs/`` sets, as written."""
+    text = resources.files("mlcls_ray.configs").joinpath(f"{name}.yaml").read_text()
+    return _read_yaml(text, f"mlcls_ray/configs/{name}.yaml")
+
+
 def _load_preset(name: str) -> dict[str, Any]:
+    """The base's values, then the preset file's (or, for ``<timm model>_ML``, the model and backbone names)."""
     presets = list_presets()
     if name in presets:
-        text = resources.files("mlcls_ray.configs").joinpath(f"{name}.yaml").read_text()
-        return _read_yaml(text, f"preset {name}")
+        return {**_packaged(_BASE), **_packaged(name)}
     backbones = _timm_backbones()
     if name.endswith("_ML") and name[:-3] in backbones:
-        text = resources.files("mlcls_ray.configs").joinpath(f"{_GENERIC}.yaml").read_text()
-        return {**_read_yaml(text, f"recipe {_GENERIC}"), "Global.model": name, "Arch.backbone": name[:-3]}
+        return {**_packaged(_BASE), "Global.model": name, "Arch.backbone": name[:-3]}
     close = difflib.get_close_matches(name, presets + [f"{b}_ML" for b in backbones], n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else f"presets: {', '.join(presets)}"
     raise ConfigError([f"-c {name!r}: not a YAML file, a preset name, or <timm model>_ML; {hint}"])
@@ -335,6 +342,9 @@ def load_config(config: str, overrides: Sequence[str] = (), *, check_paths: bool
         ConfigError: listing every problem, one line each.
     """
     base, user, source = _resolve_base(config)
+    unused = [k for k in _PADDLEX_UNUSED if k in user]
+    for key in unused:
+        del user[key]
     problems: list[str] = []
     parsed: dict[str, Any] = {}
     for text in overrides:
@@ -361,7 +371,8 @@ def load_config(config: str, overrides: Sequence[str] = (), *, check_paths: bool
     problems += _cross_checks(values, check_paths)
     if problems:
         raise ConfigError(problems)
-    return Config(values, source, {k: values[k] for k in parsed}, _warnings(values))
+    ignored = [f"{k}: ignored; a PaddleX key this project has no use for ({_PADDLEX_UNUSED[k]})" for k in unused]
+    return Config(values, source, {k: values[k] for k in parsed}, ignored + _warnings(values))
 
 
 def _warnings(v: dict[str, Any]) -> list[str]:

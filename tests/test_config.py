@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mlcls_ray.cli import main
-from mlcls_ray.config import SCHEMA, ConfigError, list_presets, load_config
+from mlcls_ray.config import SCHEMA, ConfigError, _coerce, _packaged, list_presets, load_config
 from mlcls_ray.data.synthetic import generate
 
 PRESETS = ["CLIP_vit_base_patch16_448_ML", "PP-HGNetV2-B0_ML", "PP-HGNetV2-B4_ML", "PP-HGNetV2-B6_ML",
@@ -27,6 +27,15 @@ def test_every_preset_sets_every_key_and_names_itself(preset):
     assert cfg["Global.output"] == "output"
     # PaddleX's module yamls use SGD-sized rates (0.05-0.1) with AdamW; ours stay at PaddleClas's 1e-4 or below
     assert cfg["Train.learning_rate"] <= 1e-4
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_preset_file_holds_only_what_differs_from_the_base(preset):
+    base, own = _packaged("_timm_ML"), _packaged(preset)
+    named = {"Global.model", "Arch.backbone"}  # null in the base: each preset names its own
+    assert set(base) == set(SCHEMA) and named <= set(own) <= set(base)
+    same = [k for k, v in own.items() if k not in named and _coerce(k, v) == _coerce(k, base[k])]
+    assert same == [], f"{preset}.yaml repeats the base's values of {same}; delete them"
 
 
 def test_overrides_parse_as_yaml_scalars(tmp_path):
@@ -94,6 +103,7 @@ Predict:
     cfg = load_config(str(path))
     assert cfg["Train.num_classes"] == 33 and cfg["Global.device"] == "gpu:0,1,2,3"
     assert cfg["CheckDataset.split.seed"] == 0  # keys PaddleX lacks come from the preset
+    assert cfg.warnings[0].startswith("Evaluate.log_interval: ignored; a PaddleX key this project has no use for")
 
 
 def test_a_user_yaml_only_needs_what_it_changes(tmp_path):
