@@ -1,7 +1,7 @@
 """Train and eval transforms, defined once: square resize, Cutout, the RandAugment pair, and normalisation.
 
 The CPU half (:func:`resize_square`, :class:`TrainAugment`) runs on decoded ``[H, W, 3]`` uint8 arrays in Ray Data
-tasks and hands uint8 on, a quarter of the bytes of float32. The device half (:func:`to_model_input`) scales and
+tasks and hands uint8 on, a quarter of the bytes of float32. The device half (:class:`ModelInput`) scales and
 normalises a uint8 batch on the model's device. Training, evaluation and the Predictor all call these, so
 preprocessing cannot drift between them.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-__all__ = ["AUGMENTS", "TrainAugment", "resize_square", "resize_square_on_device", "to_model_input"]
+__all__ = ["AUGMENTS", "ModelInput", "TrainAugment", "resize_square", "resize_square_on_device"]
 
 AUGMENTS = ("ml_decoder", "light", "none")
 _FILL = (128, 128, 128)  # RandAugment's fill, as PaddleClas's RandAugmentV4
@@ -122,11 +122,20 @@ class TrainAugment:
         return np.asarray(img)
 
 
-def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                   channels_last: bool = False) -> torch.Tensor:
-    """``[B, H, W, 3]`` uint8 on any device -> ``[B, 3, H, W]`` float32, scaled to [0, 1] and normalised."""
-    x = images.permute(0, 3, 1, 2).to(torch.float32, copy=True).div_(255.0)  # [B, 3, H, W]; never the caller's
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    x = (x - m) / s
-    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+class ModelInput:
+    """The device half of every transform: ``[B, H, W, 3]`` uint8 -> ``[B, 3, H, W]`` float32 in [0, 1], normalised.
+
+    Mean and std live on ``device`` as tensors built once, so a training or inference step copies nothing but its
+    images to the device.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu",
+                 channels_last: bool = False):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).to(torch.float32, copy=True).div_(255.0)  # [B, 3, H, W]; never the caller's
+        x = x.sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=self.memory_format)

@@ -2,7 +2,7 @@
 
 Preprocessing is the folder's own (``inference.yml``): the one decoder, a squish resize to the folder's size on CPU
 (:func:`~mlcls_ray.data.transforms.resize_square`), then scaling and normalisation on the model's device
-(:func:`~mlcls_ray.data.transforms.to_model_input`), the same functions training validated with. On a GPU, plain
+(:class:`~mlcls_ray.data.transforms.ModelInput`), the same functions training validated with. On a GPU, plain
 JPEGs may instead be decoded and resized on the device (:meth:`Predictor.score_encoded`); every other file, and any
 that the device decoder fails on, takes the CPU path.
 """
@@ -16,8 +16,9 @@ import torch
 
 from mlcls_ray import model_dir
 from mlcls_ray.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, decode_jpegs, device_decodable
-from mlcls_ray.data.transforms import resize_square, resize_square_on_device, to_model_input
+from mlcls_ray.data.transforms import ModelInput, resize_square, resize_square_on_device
 from mlcls_ray.infer import thresholds as thr
+from mlcls_ray.precision import autocast_dtype
 
 __all__ = ["Predictor", "decode_square", "preprocess"]
 
@@ -65,9 +66,9 @@ class Predictor:
         self.channels_last = self.device.type == "cuda"
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.amp = None
-        if self.device.type == "cuda":
-            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp = autocast_dtype(self.device)
+        spec = self.info.spec
+        self.to_input = ModelInput(spec.mean, spec.std, self.device, self.channels_last)
         self.device_decode = self.device.type == "cuda" if device_decode is None else device_decode
 
     @property
@@ -88,8 +89,7 @@ class Predictor:
 
     @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
-        spec = self.info.spec
-        x = to_model_input(batch.to(self.device), spec.mean, spec.std, self.channels_last)  # [B, 3, S, S]
+        x = self.to_input(batch.to(self.device))  # [B, 3, S, S]
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             return self.model(x).float().cpu().numpy()
 

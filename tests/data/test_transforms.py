@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mlcls_ray.data.transforms import AUGMENTS, TrainAugment, resize_square, to_model_input
+from mlcls_ray.data.transforms import AUGMENTS, ModelInput, TrainAugment, resize_square
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -64,24 +64,40 @@ def test_unknown_augment_lists_the_choices():
     assert AUGMENTS == ("ml_decoder", "light", "none")
 
 
-def test_to_model_input_scales_and_normalises():
+def test_model_input_scales_and_normalises():
     images = torch.from_numpy(np.stack([_image(8, 6, seed) for seed in range(2)]))  # [2, 8, 6, 3] uint8
-    x = to_model_input(images, MEAN, STD)
+    x = ModelInput(MEAN, STD)(images)
     assert x.shape == (2, 3, 8, 6) and x.dtype == torch.float32 and x.is_contiguous()
     by_hand = (images.numpy().astype(np.float64) / 255 - np.array(MEAN)) / np.array(STD)  # [B, H, W, 3]
     np.testing.assert_allclose(x.numpy(), by_hand.transpose(0, 3, 1, 2), rtol=0, atol=1e-5)
 
 
-def test_to_model_input_channels_last():
+def test_model_input_channels_last():
     images = torch.from_numpy(np.stack([_image(8, 6, seed) for seed in range(2)]))
-    x = to_model_input(images, MEAN, STD, channels_last=True)
+    x = ModelInput(MEAN, STD, channels_last=True)(images)
     assert x.shape == (2, 3, 8, 6) and x.is_contiguous(memory_format=torch.channels_last)
     assert not x.is_contiguous()
-    torch.testing.assert_close(x, to_model_input(images, MEAN, STD), rtol=0, atol=0)
+    torch.testing.assert_close(x, ModelInput(MEAN, STD)(images), rtol=0, atol=0)
 
 
-def test_to_model_input_leaves_its_input_alone():
+def test_model_input_leaves_its_input_alone():
     images = torch.rand(1, 4, 4, 3) * 255  # float input must not be scaled in place
     before = images.clone()
-    to_model_input(images, MEAN, STD)
+    ModelInput(MEAN, STD)(images)
     torch.testing.assert_close(images, before, rtol=0, atol=0)
+
+
+def test_model_input_builds_its_statistics_once_on_the_device():
+    """A training step must not copy mean and std from Python lists to the GPU each time: they are device tensors
+    made when the transform is, and a call creates no tensor from Python data."""
+    transform = ModelInput(MEAN, STD, device="meta")
+    assert transform.mean.device.type == "meta" and transform.std.device.type == "meta"
+    images = torch.from_numpy(np.stack([_image(8, 6, 0)]))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ModelInput(MEAN, STD)(images)
+    made_at_construction = {e.key for e in prof.key_averages()}
+    transform = ModelInput(MEAN, STD)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        transform(images)
+    per_call = {e.key for e in prof.key_averages()}
+    assert "aten::lift_fresh" in made_at_construction and "aten::lift_fresh" not in per_call
