@@ -86,6 +86,8 @@ SCHEMA: dict[str, Key] = {
     "Train.epochs_iters": Key(int, "epochs", min=1),
     "Train.batch_size": Key(int, "batch size per device", min=1),
     "Train.learning_rate": Key(float, "AdamW learning rate", min=0.0, max=1.0),
+    "Train.head_learning_rate": Key(float, "AdamW learning rate of the ML-Decoder head (the backbone's is "
+                                    "Train.learning_rate)", min=0.0, max=1.0),
     "Train.pretrain_weight_path": Key(str, f"pretrained weights, {_PATH}", nullable=True),
     "Train.warmup_steps": Key(int, "warm-up epochs (PaddleX's name)", min=0),
     "Train.resume_path": Key(str, f"checkpoint folder to resume from ({_PATH}), latest, or auto (latest if there "
@@ -98,7 +100,11 @@ SCHEMA: dict[str, Key] = {
     "Train.augment": Key(str, "training augmentation: ml_decoder, light, or None (resize only)", nullable=True,
                          choices=("ml_decoder", "light")),
     "Train.weight_decay": Key(float, "AdamW weight decay (none on 1-D parameters)", min=0.0, max=1.0),
-    "Train.ema_decay": Key(float, "EMA decay, with warm-up; 0 turns EMA off", min=0.0, max=0.99999),
+    "Train.ema_decay": Key(float, "EMA decay of every step (no warm-up); 0 turns EMA off", min=0.0, max=0.99999),
+    "Train.precision": Key(str, "autocast: auto (bf16 on GPUs that have it natively, fp16 with a gradient scaler on "
+                           "older GPUs, fp32 on CPU), or bf16, fp16, fp32 on any device",
+                           choices=("auto", "bf16", "fp16", "fp32")),  # mlcls_ray.precision: keeps torch out
+    "Train.channels_last": Key(bool, "channels-last memory format; null = on GPU only", nullable=True),
     "Train.seed": Key(int, "seed of weights and RNG", min=0),
     "Train.num_workers": Key(int, "Ray Train workers; null = from Global.device (gpu:0,1 -> 2)", nullable=True,
                              min=1),

@@ -110,6 +110,12 @@ class MLClassifier(nn.Module):
                               embed_dim=spec.embed_dim, num_layers=spec.num_layers, num_heads=spec.num_heads,
                               ffn_dim=spec.ffn_dim, dropout=spec.dropout)
 
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's own exemptions (a ViT's position embedding and CLS token), which timm's optimiser factory
+        reads from the model it is given; 1-D parameters are exempt anyway."""
+        skip = getattr(self.backbone, "no_weight_decay", lambda: set())()
+        return {f"backbone.{name}" for name in skip}
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         f = self._tap(self.backbone, x)
         if f.ndim == 3:  # ViT: [B, prefix + N, D]; the head reads every patch token, not the CLS token

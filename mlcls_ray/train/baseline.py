@@ -11,16 +11,15 @@ import time
 
 import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
 
 from mlcls_ray import storage
 from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.manifest import Manifest
-from mlcls_ray.data.transforms import TrainAugment, resize_square, to_model_input
+from mlcls_ray.data.transforms import ModelInput, TrainAugment, resize_square
 from mlcls_ray.metrics import mean_average_precision
 from mlcls_ray.models.loss import build_loss
 from mlcls_ray.models.zoo import ModelSpec, build_model
-from mlcls_ray.train.loop import cosine_schedule
+from mlcls_ray.train.optim import build_optimizer, cosine_schedule
 
 __all__ = ["plain_train"]
 
@@ -30,21 +29,23 @@ def _decode(root: str, paths: list[str]) -> list[np.ndarray]:
 
 
 def plain_train(spec: ModelSpec, root: str, train: Manifest, val: Manifest, *, epochs: int, batch_size: int,
-                lr: float, weight_decay: float = 1e-4, warmup_epochs: int = 0, augment: str = "none",
-                loss: str = "asl", seed: int = 0, threads: int | None = None) -> dict:
+                lr: float, head_lr: float | None = None, weight_decay: float = 1e-4, warmup_epochs: int = 0,
+                augment: str = "none", loss: str = "asl", seed: int = 0, threads: int | None = None) -> dict:
     """Train ``epochs`` epochs, reading and decoding each batch's files in this process as a ``DataLoader`` with
     ``num_workers=0`` would; returns ``{"map", "images_per_s", "seconds", "epoch_seconds"}``: training time and
-    throughput (reading, decoding and augmenting included), and the final val mAP of the raw weights."""
+    throughput (reading, decoding and augmenting included), and the final val mAP of the raw weights.
+    ``head_lr`` None: the head trains at ``lr`` too."""
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model, _ = build_model(spec)
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
+    optimizer = build_optimizer(model, lr, lr if head_lr is None else head_lr, weight_decay)
     paths, labels = train.paths.to_pylist(), train.labels(np.arange(len(train)))
     steps = int(np.ceil(len(paths) / batch_size))
     scheduler = cosine_schedule(optimizer, epochs, steps, warmup_epochs)
     criterion, transform = build_loss(loss), TrainAugment(augment, spec.image_size)
+    to_input = ModelInput(spec.mean, spec.std)
     step, started, epoch_seconds = 0, time.perf_counter(), []
     for _ in range(epochs):
         model.train()
@@ -53,7 +54,7 @@ def plain_train(spec: ModelSpec, root: str, train: Manifest, val: Manifest, *, e
             images = _decode(root, [paths[i] for i in batch])
             x = torch.from_numpy(np.stack([transform(img, rng) for img in images]))  # [B, S, S, 3] uint8
             y = torch.from_numpy(labels[batch]).float()
-            loss_value = criterion(model(to_model_input(x, spec.mean, spec.std)), y)
+            loss_value = criterion(model(to_input(x)), y)
             optimizer.zero_grad(set_to_none=True)
             loss_value.backward()
             optimizer.step()
@@ -65,6 +66,6 @@ def plain_train(spec: ModelSpec, root: str, train: Manifest, val: Manifest, *, e
     val_images = _decode(root, val.paths.to_pylist())
     with torch.no_grad():
         x = torch.from_numpy(np.stack([resize_square(img, spec.image_size) for img in val_images]))
-        logits = torch.cat([model(to_model_input(chunk, spec.mean, spec.std)) for chunk in x.split(64)])
+        logits = torch.cat([model(to_input(chunk)) for chunk in x.split(64)])
     return {"map": mean_average_precision(logits.float().numpy(), val.labels(np.arange(len(val)))),
             "images_per_s": epochs * len(paths) / seconds, "seconds": seconds, "epoch_seconds": epoch_seconds}

@@ -1,7 +1,7 @@
 """Training and validation Datasets: the one image reader, then the train or eval transform, in CPU tasks.
 
 Rows leave these Datasets as fixed-shape uint8 ``image`` ``[S, S, 3]`` and ``labels`` ``[C]``; workers normalise on
-their device (:func:`mlcls_ray.data.transforms.to_model_input`). Unreadable images are dropped here with one line
+their device (:class:`mlcls_ray.data.transforms.ModelInput`). Unreadable images are dropped here with one line
 per batch naming the first of them, so a bad file never stops training; ``check_dataset`` lists them all.
 """
 
@@ -44,8 +44,7 @@ def _train_batch(batch: dict[str, np.ndarray], augment: str, size: int) -> dict[
 def _val_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     good = _keep_good(batch)
     images = [resize_square(img, size) for img in batch["image"][good]]
-    return {"index": batch["index"][good],
-            "image": _stack(images, size), "labels": batch["labels"][good]}
+    return {"image": _stack(images, size), "labels": batch["labels"][good]}
 
 
 def train_dataset(manifest: Manifest, root: str, *, augment: str, size: int, max_pixels: int,
@@ -60,7 +59,7 @@ def train_dataset(manifest: Manifest, root: str, *, augment: str, size: int, max
 
 def val_dataset(manifest: Manifest, root: str, *, size: int, max_pixels: int, max_file_bytes: int
                 ) -> ray.data.Dataset:
-    """Decoded validation images, squish-resized as every inference path does, with their manifest ``index``."""
+    """Decoded validation images, squish-resized as every inference path does."""
     images = read_images(manifest, root, image="rgb", max_pixels=max_pixels, max_file_bytes=max_file_bytes,
                          batch_size=_BATCH)
     return images.map_batches(_val_batch, fn_kwargs={"size": size}, batch_size=_BATCH, batch_format="numpy",

@@ -26,7 +26,8 @@ from mlcls_ray.data.mlcls_format import LABEL_FILE, drop_duplicates, format_labe
 from mlcls_ray.data.problems import ProblemLog
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.train.data import train_dataset, val_dataset
-from mlcls_ray.train.loop import STATE_FILE, train_fn
+from mlcls_ray.train.checkpoint import STATE_FILE, check_resumable
+from mlcls_ray.train.loop import train_fn
 
 __all__ = ["CHECKPOINTS_DIR", "TrainSetupError", "latest_checkpoint", "model_spec", "run_train", "short_of"]
 
@@ -81,16 +82,20 @@ def _scaling(cfg: Config) -> tuple[ScalingConfig, int]:
 
 class _ValSplit(DataConfig):
     """Splits ``train`` evenly (every rank runs the same number of DDP steps) and ``val`` without dropping rows,
-    so mAP is computed over the whole val set; Ray's default equal split drops up to world_size - 1 rows."""
+    so mAP is computed over the whole val set; Ray's default equal split drops up to world_size - 1 rows.
+
+    Ray Train V2 calls this once per dataset; others pass them together: both work.
+    """
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        # Ray Train V2 configures one dataset per call
-        if "val" not in datasets:
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
-        val = datasets["val"].copy(datasets["val"])
-        val.context.execution_options = self._resolve_execution_options("val")
-        return [{"val": split} for split in val.streaming_split(world_size, equal=False,
-                                                                 locality_hints=worker_node_ids)]
+        output: list[dict] = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = DataConfig.default_ingest_options()
+            splits = ds.streaming_split(world_size, equal=name != "val", locality_hints=worker_node_ids)
+            for shards, split in zip(output, splits):
+                shards[name] = split
+        return output
 
 
 def _runs(output: str) -> list[str]:
@@ -170,6 +175,8 @@ def _train(cfg: Config, output: str) -> int:
     spec = model_spec(cfg, len(names))
     scaling, threads = _scaling(cfg)
     resume = _resume_source(cfg)
+    if resume is not None:
+        check_resumable(resume, spec)  # here, before any worker starts and retries
     done = int(resume.rstrip("/").rsplit("epoch_", 1)[1]) if resume and resume.rstrip("/")[-1].isdigit() else 0
     if done >= cfg["Train.epochs_iters"]:
         raise TrainSetupError(f"Train.resume_path: {resume} has trained {done} epochs and Train.epochs_iters is "
@@ -196,8 +203,10 @@ def _train(cfg: Config, output: str) -> int:
         "spec": spec.to_dict(), "label_names": names, "output": output, "run_name": run_name,
         "init_weights": init_weights, "resume_from": resume, "threads": threads, "seed": cfg["Train.seed"],
         "epochs": cfg["Train.epochs_iters"], "steps_per_epoch": steps, "batch_size": batch,
-        "lr": cfg["Train.learning_rate"], "weight_decay": cfg["Train.weight_decay"],
-        "warmup_epochs": cfg["Train.warmup_steps"], "ema_decay": cfg["Train.ema_decay"], "loss": cfg["Train.loss"],
+        "lr": cfg["Train.learning_rate"], "head_lr": cfg["Train.head_learning_rate"],
+        "weight_decay": cfg["Train.weight_decay"], "warmup_epochs": cfg["Train.warmup_steps"],
+        "ema_decay": cfg["Train.ema_decay"], "loss": cfg["Train.loss"], "precision": cfg["Train.precision"],
+        "channels_last": cfg["Train.channels_last"],
         "log_interval": cfg["Train.log_interval"], "eval_interval": cfg["Train.eval_interval"],
         "save_interval": cfg["Train.save_interval"],
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlcls_ray.train.loop import cosine_schedule
+from mlcls_ray.train.optim import cosine_schedule
 
 
 def _rates(epochs: int, steps: int, warmup: int, base: float = 1e-3) -> list[float]:

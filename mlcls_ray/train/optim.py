@@ -1,0 +1,44 @@
+"""The optimiser and the schedule of every training loop: AdamW with the ML-Decoder head at its own rate, and
+PaddleX's warm-up + cosine, stepped per iteration.
+
+The head's rate is separate because the head is a post-norm transformer decoder behind a ReLU projection: at the
+rates a backbone trained from scratch wants (1e-3 and up), most of its projected channels die (ReLU never fires
+again) and its outputs stop depending on the image, the "same predictions for every image" failure. A backbone
+fine-tuned from pretrained weights wants 1e-4 or less, where the head is fine too (``jobs/bench_accuracy.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+from mlcls_ray.models.zoo import MLClassifier
+
+__all__ = ["build_optimizer", "cosine_schedule"]
+
+_WARMUP_LR = 1e-6  # PaddleX: linear warm-up from 1e-6
+_MIN_LR = 1e-10  # PaddleX's cosine eta_min
+
+
+def build_optimizer(model: MLClassifier, lr: float, head_lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW: the backbone at ``lr``, the head at ``head_lr``; no weight decay on 1-D parameters (norms, biases)
+    nor on what the backbone exempts (a ViT's position embedding and CLS token)."""
+    in_head = {id(p) for p in model.head.parameters()}
+    groups = []
+    for group in param_groups_weight_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay()):
+        for rate, head in ((lr, False), (head_lr, True)):
+            params = [p for p in group["params"] if (id(p) in in_head) == head]
+            if params:
+                groups.append({**group, "params": params, "lr": rate})
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int, steps: int, warmup_epochs: int
+                    ) -> CosineLRScheduler:
+    """PaddleX's schedule, stepped per iteration: linear warm-up from 1e-6 over ``warmup_epochs``, then a cosine
+    from each parameter group's base rate to 1e-10 over the remaining epochs (the cosine starts after the warm-up,
+    not under it)."""
+    warmup = min(warmup_epochs, epochs - 1) * steps
+    return CosineLRScheduler(optimizer, t_initial=max(1, epochs * steps - warmup), lr_min=_MIN_LR, warmup_t=warmup,
+                             warmup_lr_init=_WARMUP_LR, warmup_prefix=True, t_in_epochs=False)

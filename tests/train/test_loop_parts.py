@@ -1,0 +1,96 @@
+"""The training loop's parts without a training run: precision choice, EMA decay, weight-decay exemptions,
+divergence, checkpoint compatibility, the val split and the Ray logger it silences."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from timm.optim import create_optimizer_v2
+
+from mlcls_ray import model_dir
+from mlcls_ray.models.zoo import ModelSpec, build_model
+from mlcls_ray.precision import autocast_dtype
+from mlcls_ray.train import checkpoint
+from mlcls_ray.train.loop import RAY_REPORT_LOGGER, make_ema
+from mlcls_ray.train.progress import RunLog
+from mlcls_ray.train.selection import select_best
+
+
+def _spec(backbone: str = "test_resnet", **fields) -> ModelSpec:
+    return ModelSpec.create(name=f"{backbone}_ML", backbone=backbone, tap="features", image_size=32,
+                            **{"num_classes": 3, "embed_dim": 32, "num_heads": 2, "ffn_dim": 64, **fields})
+
+
+def test_auto_precision_is_fp16_with_a_scaler_where_bf16_is_only_emulated(monkeypatch):
+    """A V100 or T4 reports bf16 through emulation; auto must not train there in slow emulated bf16."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype(torch.device("cuda"), "auto") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert autocast_dtype(torch.device("cuda"), "auto") == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), "auto") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+
+
+def test_ema_decay_means_what_it_says_from_the_first_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    ema = make_ema(model, 0.9)
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.module.weight, 0.9 * before + 0.1 * model.weight.detach())
+
+
+def test_vit_position_embedding_and_cls_token_are_not_decayed():
+    model, _ = build_model(_spec("test_vit"))
+    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"backbone.pos_embed", "backbone.cls_token"} <= undecayed
+    assert "head.proj.weight" not in undecayed
+
+
+def test_a_diverged_epoch_says_so_and_is_never_the_best(tmp_path):
+    spec = _spec()
+    model, _ = build_model(spec)
+    labels = np.eye(3, dtype=np.uint8)[np.arange(12) % 3]
+    good = labels * 5.0 - 2.5  # perfect scores
+    nan = good.copy()
+    nan[0, 0] = np.nan  # NaN ranks first in AP and would give a finite mAP
+    config = {"run_name": "r", "output": str(tmp_path), "label_names": ["a", "b", "c"]}
+    log = RunLog(str(tmp_path), "r")
+    record = {"epoch": 1}
+    assert select_best(config, spec, record, [nan.astype(np.float32)], labels, [model], None, log) is None
+    assert np.isnan(record["score"]) and np.isnan(record["map_raw"])
+    assert any("DIVERGED" in line and "raw weights" in line for line in log.lines)
+    assert not (tmp_path / "best_model").exists()
+    record = {"epoch": 2}
+    best = select_best(config, spec, record, [good.astype(np.float32)], labels, [model], None, log)
+    assert best["score"] == pytest.approx(1.0) and model_dir.read_info(str(tmp_path / "best_model")).extra["epoch"] == 2
+    log.close()
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_training(tmp_path):
+    checkpoint.save(tmp_path, {"epoch": 1, "step": 8}, _spec(), world_size=1, steps_per_epoch=8)
+    checkpoint.check_resumable(str(tmp_path), _spec())  # the same network: fine
+    with pytest.raises(checkpoint.ResumeError, match=r"does not fit .*backbone 'test_resnet' vs 'test_vit'"):
+        checkpoint.check_resumable(str(tmp_path), _spec("test_vit"))
+    with pytest.raises(checkpoint.ResumeError, match="num_classes 3 vs 5"):
+        checkpoint.check_resumable(str(tmp_path), _spec(num_classes=5))
+
+
+def test_resuming_on_another_worker_count_continues_the_schedule_by_epochs():
+    state = {"epoch": 3, "step": 3 * 10}  # saved by 2 workers at 10 steps an epoch
+    assert checkpoint.resume_step(state, 20) == 60  # 1 worker runs 20 steps an epoch: epoch 3 ends at step 60
+    assert checkpoint.resume_step(state, 10) == 30
+
+
+def test_the_ray_report_logger_we_silence_exists():
+    """Ray 2.60 logs each report under a logger named by a file path; an upgrade that moves it fails here."""
+    import ray.train.v2._internal.execution.context  # noqa: F401
+
+    assert any(name.endswith(RAY_REPORT_LOGGER) for name in logging.root.manager.loggerDict)
