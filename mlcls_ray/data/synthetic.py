@@ -27,6 +27,9 @@ _COMPANIONS = {
 }
 _EMPTY_FRACTION = 0.03  # images with no shape at all (all-zero label vector)
 _MAX_SHAPES = 4
+_RADIUS = (0.12, 0.3)  # a shape's radius, as a fraction of the image's shorter side
+_STRIPED_FRACTION = 0.5  # backgrounds with 2..8 stripes instead of a plain gradient
+_NOISE = 30  # peak-to-peak uniform pixel noise on the background
 _MIN_IMAGE_SIZE = 32  # below this the shapes are a few pixels wide and no longer recognisable
 _FORMATS = {"jpg": "JPEG", "png": "PNG"}
 _JPEG_QUALITY = 90  # fixed so the output is byte-identical across runs
@@ -66,12 +69,12 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     ys = np.arange(height, dtype=np.float32) * np.float32(np.sin(angle))  # (H,)
     t = ys[:, None] + xs[None, :]  # (H, W) position along the gradient direction
     t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)  # (H, W) in [0, 1]
-    if rng.random() < 0.5:
+    if rng.random() < _STRIPED_FRACTION:
         t = 0.5 + 0.5 * np.sin(np.float32(2 * np.pi * rng.uniform(2, 8)) * t)  # (H, W) 2..8 stripes across the image
     c0, c1 = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)  # (3,) each: the two end colours
     pixels = c0 + t[..., None] * (c1 - c0)  # (H, W, 3)
     # Uniform rather than Gaussian noise: it looks the same here and is ~10x cheaper to draw.
-    pixels += np.float32(30) * (rng.random(pixels.shape, dtype=np.float32) - np.float32(0.5))
+    pixels += np.float32(_NOISE) * (rng.random(pixels.shape, dtype=np.float32) - np.float32(0.5))
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
@@ -103,7 +106,7 @@ def _draw_shapes(rng: np.random.Generator, image: Image.Image, kinds: list[int])
     placed: list[tuple[float, float, float]] = []  # (cx, cy, r) of the shapes drawn so far
     shapes = []
     for kind in kinds:
-        r = rng.uniform(0.12, 0.3) * min(width, height)
+        r = rng.uniform(*_RADIUS) * min(width, height)
         # A few tries to avoid heavy overlap, so a later shape rarely hides an earlier one (its label would lie).
         for _ in range(10):
             cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
