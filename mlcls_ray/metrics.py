@@ -12,7 +12,8 @@ from functools import partial
 
 import numpy as np
 
-__all__ = ["average_precision", "calibrate_thresholds", "mean_average_precision", "precision_recall_f1"]
+__all__ = ["average_precision", "calibrate_thresholds", "cross_fitted_f1", "mean_average_precision",
+           "precision_recall_f1"]
 
 _BLOCK_BYTES = 64 << 20  # target size of one [classes, N] int64 block, or of one [rows, C] bool block
 
@@ -177,3 +178,15 @@ def precision_recall_f1(probs: np.ndarray, labels: np.ndarray, thresholds: float
         "macro_recall": macro_r,
         "macro_f1": macro_f1,
     }
+
+
+def cross_fitted_f1(probs: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """:func:`precision_recall_f1` at calibrated thresholds, honestly: the rows are split in two halves at random,
+    and each half is scored at the thresholds calibrated on the other. Thresholds scored on the rows they were
+    calibrated on report an optimistic F1, most of all for rare classes."""
+    first = np.random.default_rng(seed).permutation(len(probs)) < (len(probs) + 1) // 2
+    shifted = np.empty(probs.shape, np.float32)  # probs - t + 0.5 > 0.5 exactly when probs > t
+    for part in (first, ~first):
+        thresholds = calibrate_thresholds(probs[~part], labels[~part])
+        shifted[part] = probs[part] - thresholds + np.float32(0.5)
+    return precision_recall_f1(shifted, labels, 0.5)

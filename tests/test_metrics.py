@@ -160,3 +160,17 @@ def test_precision_recall_f1_without_positives():
     got = precision_recall_f1(probs, np.zeros((20, 3), np.uint8), 0.5)
     assert got["micro_precision"] == got["micro_recall"] == got["micro_f1"] == 0.0
     assert all(np.isnan(got[f"macro_{name}"]) for name in ("precision", "recall", "f1"))
+
+
+def test_cross_fitted_f1_is_not_fooled_by_thresholds_fit_to_noise():
+    """On scores that carry no signal, thresholds calibrated on the same rows still find an F1 well above what
+    they give on unseen rows; scored on the other half, they give about what any threshold would."""
+    from mlcls_ray.metrics import calibrate_thresholds, cross_fitted_f1, precision_recall_f1
+
+    rng = np.random.default_rng(0)
+    probs = rng.random((400, 20)).astype(np.float32)
+    labels = (rng.random((400, 20)) < 0.05).astype(np.uint8)
+    in_sample = precision_recall_f1(probs, labels, calibrate_thresholds(probs, labels))
+    honest = cross_fitted_f1(probs, labels)
+    assert in_sample["macro_f1"] > honest["macro_f1"] + 0.03
+    assert honest["macro_f1"] < 0.11  # about 2p/(1+p) for p = 5% positives at the best fixed threshold

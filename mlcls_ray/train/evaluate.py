@@ -24,7 +24,7 @@ from mlcls_ray.data.problems import ProblemLog  # noqa: E402
 from mlcls_ray.data.report import figure_png  # noqa: E402
 from mlcls_ray.infer.actors import inference_actors  # noqa: E402
 from mlcls_ray.infer.predictor import Predictor  # noqa: E402
-from mlcls_ray.metrics import average_precision, precision_recall_f1  # noqa: E402
+from mlcls_ray.metrics import average_precision, cross_fitted_f1, precision_recall_f1  # noqa: E402
 
 __all__ = ["PR_CURVE_FILE", "evaluate", "run_evaluate"]
 
@@ -88,7 +88,9 @@ def evaluate(logits: np.ndarray, labels: np.ndarray, names: list[str], threshold
         "per_class_AP": {n: (None if np.isnan(a) else round(float(a), 6)) for n, a in zip(names, ap)},
         "classes_without_positives": empty,  # excluded from the mAP, as PaddleClas does
         "at_threshold_0.5": precision_recall_f1(probs, labels, 0.5),
-        "at_calibrated_thresholds": precision_recall_f1(probs, labels, np.asarray(thresholds, np.float32)),
+        # the model folder's thresholds were calibrated on val.txt by training: on that same set, in-sample
+        "at_calibrated_thresholds_in_sample": precision_recall_f1(probs, labels, np.asarray(thresholds, np.float32)),
+        "at_thresholds_calibrated_on_the_other_half": cross_fitted_f1(probs, labels),
     }, probs, ap
 
 
