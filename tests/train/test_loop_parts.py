@@ -4,17 +4,18 @@ divergence, checkpoint compatibility, the val split and the Ray logger it silenc
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from timm.optim import create_optimizer_v2
 
 from mlcls_ray import model_dir
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.precision import autocast_dtype
 from mlcls_ray.train import checkpoint
 from mlcls_ray.train.loop import RAY_REPORT_LOGGER, make_ema
+from mlcls_ray.train.optim import build_optimizer
 from mlcls_ray.train.progress import RunLog
 from mlcls_ray.train.selection import select_best
 
@@ -47,11 +48,13 @@ def test_ema_decay_means_what_it_says_from_the_first_step():
 
 def test_vit_position_embedding_and_cls_token_are_not_decayed():
     model, _ = build_model(_spec("test_vit"))
-    optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    optimizer = build_optimizer(model, lr=1e-3, head_lr=2e-4, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert {"backbone.pos_embed", "backbone.cls_token"} <= undecayed
     assert "head.proj.weight" not in undecayed
+    head_rates = {g["lr"] for g in optimizer.param_groups if any(names[id(p)].startswith("head.") for p in g["params"])}
+    assert head_rates == {2e-4}  # the head trains at its own rate, the backbone at 1e-3
 
 
 def test_a_diverged_epoch_says_so_and_is_never_the_best(tmp_path):
@@ -94,3 +97,23 @@ def test_the_ray_report_logger_we_silence_exists():
     import ray.train.v2._internal.execution.context  # noqa: F401
 
     assert any(name.endswith(RAY_REPORT_LOGGER) for name in logging.root.manager.loggerDict)
+
+
+@pytest.mark.usefixtures("ray_start_2_cpus")
+def test_the_val_split_keeps_every_row_whether_datasets_come_one_by_one_or_together():
+    """Ray Train 2.60 configures one dataset a call; other versions pass them together. Both get both splits:
+    train cut even (the same DDP steps on every rank), val whole (mAP over every image)."""
+    import ray.data
+
+    from mlcls_ray.train.run import _ValSplit
+
+    def rows(splits) -> list[int]:  # streaming splits are read at the same time, as the workers do
+        with ThreadPoolExecutor(len(splits)) as pool:
+            return list(pool.map(lambda s: sum(len(b["id"]) for b in s.iter_batches(batch_size=None)), splits))
+
+    together = _ValSplit().configure({"train": ray.data.range(11), "val": ray.data.range(11)}, 2, None, None)
+    assert [set(shards) for shards in together] == [{"train", "val"}] * 2
+    assert rows([s["train"] for s in together]) == [5, 5]
+    assert sum(rows([s["val"] for s in together])) == 11
+    one = _ValSplit().configure({"val": ray.data.range(11)}, 2, None, None)
+    assert sum(rows([s["val"] for s in one])) == 11
