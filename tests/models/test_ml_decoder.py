@@ -135,3 +135,37 @@ def test_whole_module_in_bf16():
     assert head.query_embed.dtype == torch.bfloat16
     with torch.no_grad():
         assert head(torch.randn(2, 6, 24, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def _official_forward(head: MLDecoder, x: torch.Tensor) -> torch.Tensor:
+    """The official ML-Decoder forward (Alibaba-MIIL/ML_Decoder, ``MLDecoder.forward`` with
+    ``TransformerDecoderLayerOptimal`` and the ``GroupFC`` loop), transcribed line by line in its own sequence-first
+    layout and run on ``head``'s weights under the official names. ``nn.TransformerDecoder`` is bypassed because it
+    crashes on torch 2.14; it only loops over the layers."""
+    embedding_spatial = x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
+    embedding_spatial_786 = F.relu(F.linear(embedding_spatial, head.proj.weight, head.proj.bias))  # embed_standart
+    bs = embedding_spatial_786.shape[0]
+    tgt = head.query_embed.unsqueeze(1).expand(-1, bs, -1)  # query_embed.weight: [K, bs, D]
+    memory = embedding_spatial_786.transpose(0, 1)
+    for layer in head.layers:
+        attn = torch.nn.MultiheadAttention(tgt.shape[-1], layer.multihead_attn.num_heads)  # sequence-first
+        attn.load_state_dict(layer.multihead_attn.state_dict())
+        attn.eval()
+        tgt = layer.norm1(tgt + tgt)  # tgt = tgt + dropout1(tgt); tgt = norm1(tgt)
+        tgt = layer.norm2(tgt + attn(tgt, memory, memory)[0])
+        tgt = layer.norm3(tgt + layer.linear2(F.relu(layer.linear1(tgt))))
+    h = tgt.transpose(0, 1)  # [bs, K, D]
+    out_extrap = torch.zeros(h.shape[0], h.shape[1], head.group_size)
+    for i in range(h.shape[1]):  # GroupFC
+        out_extrap[:, i, :] = torch.matmul(h[:, i, :], head.group_weight[i, :, :])
+    return out_extrap.flatten(1)[:, :head.num_classes] + head.group_bias  # duplicate_pooling_bias
+
+
+@pytest.mark.parametrize("num_classes, num_queries", [(80, 100), (23, 5)])
+def test_the_same_weights_give_the_official_logits(num_classes, num_queries):
+    head = _head(num_classes, num_queries=num_queries).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # away from the initial LayerNorm and bias values
+        fmap = torch.randn(3, 24, 4, 5)
+        torch.testing.assert_close(head(fmap), _official_forward(head, fmap), rtol=1e-5, atol=1e-5)
