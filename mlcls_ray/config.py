@@ -86,8 +86,8 @@ SCHEMA: dict[str, Key] = {
     "Train.epochs_iters": Key(int, "epochs", min=1),
     "Train.batch_size": Key(int, "batch size per device", min=1),
     "Train.learning_rate": Key(float, "AdamW learning rate", min=0.0, max=1.0),
-    "Train.head_learning_rate": Key(float, "AdamW learning rate of the ML-Decoder head (the backbone's is "
-                                    "Train.learning_rate)", min=0.0, max=1.0),
+    "Train.head_learning_rate": Key(float, "the most the ML-Decoder head trains at: min(Train.learning_rate, this)",
+                                    min=0.0, max=1.0),
     "Train.pretrain_weight_path": Key(str, f"pretrained weights, {_PATH}", nullable=True),
     "Train.warmup_steps": Key(int, "warm-up epochs (PaddleX's name)", min=0),
     "Train.resume_path": Key(str, f"checkpoint folder to resume from ({_PATH}), latest, or auto (latest if there "

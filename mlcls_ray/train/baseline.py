@@ -34,13 +34,13 @@ def plain_train(spec: ModelSpec, root: str, train: Manifest, val: Manifest, *, e
     """Train ``epochs`` epochs, reading and decoding each batch's files in this process as a ``DataLoader`` with
     ``num_workers=0`` would; returns ``{"map", "images_per_s", "seconds", "epoch_seconds"}``: training time and
     throughput (reading, decoding and augmenting included), and the final val mAP of the raw weights.
-    ``head_lr`` None: the head trains at ``lr`` too."""
+    ``head_lr`` caps the head's rate, as ``Train.head_learning_rate``; None: the head trains at ``lr`` too."""
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model, _ = build_model(spec)
-    optimizer = build_optimizer(model, lr, lr if head_lr is None else head_lr, weight_decay)
+    optimizer = build_optimizer(model, lr, lr if head_lr is None else head_lr, weight_decay)  # head: min(lr, cap)
     paths, labels = train.paths.to_pylist(), train.labels(np.arange(len(train)))
     steps = int(np.ceil(len(paths) / batch_size))
     scheduler = cosine_schedule(optimizer, epochs, steps, warmup_epochs)

@@ -1,10 +1,10 @@
 """The optimiser and the schedule of every training loop: AdamW with the ML-Decoder head at its own rate, and
 PaddleX's warm-up + cosine, stepped per iteration.
 
-The head's rate is separate because the head is a post-norm transformer decoder behind a ReLU projection: at the
+The head's rate is capped because the head is a post-norm transformer decoder behind a ReLU projection: at the
 rates a backbone trained from scratch wants (1e-3 and up), most of its projected channels die (ReLU never fires
-again) and its outputs stop depending on the image, the "same predictions for every image" failure. A backbone
-fine-tuned from pretrained weights wants 1e-4 or less, where the head is fine too (``jobs/bench_accuracy.py``).
+again) and its outputs stop depending on the image, the "same predictions for every image" failure. Below the cap
+the head trains at the backbone's rate, as PaddleX trains both (``jobs/bench_accuracy.py``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ _WARMUP_LR = 1e-6  # PaddleX: linear warm-up from 1e-6
 _MIN_LR = 1e-10  # PaddleX's cosine eta_min
 
 
-def build_optimizer(model: MLClassifier, lr: float, head_lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW: the backbone at ``lr``, the head at ``head_lr``; no weight decay on 1-D parameters (norms, biases)
-    nor on what the backbone exempts (a ViT's position embedding and CLS token)."""
+def build_optimizer(model: MLClassifier, lr: float, head_lr_cap: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW: the backbone at ``lr``, the head at ``min(lr, head_lr_cap)``; no weight decay on 1-D parameters (norms,
+    biases) nor on what the backbone exempts (a ViT's position embedding and CLS token)."""
+    head_lr = min(lr, head_lr_cap)
     in_head = {id(p) for p in model.head.parameters()}
     groups = []
     for group in param_groups_weight_decay(model, weight_decay, no_weight_decay_list=model.no_weight_decay()):

@@ -48,13 +48,16 @@ def test_ema_decay_means_what_it_says_from_the_first_step():
 
 def test_vit_position_embedding_and_cls_token_are_not_decayed():
     model, _ = build_model(_spec("test_vit"))
-    optimizer = build_optimizer(model, lr=1e-3, head_lr=2e-4, weight_decay=0.05)
+    optimizer = build_optimizer(model, lr=1e-3, head_lr_cap=2e-4, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     undecayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert {"backbone.pos_embed", "backbone.cls_token"} <= undecayed
     assert "head.proj.weight" not in undecayed
-    head_rates = {g["lr"] for g in optimizer.param_groups if any(names[id(p)].startswith("head.") for p in g["params"])}
-    assert head_rates == {2e-4}  # the head trains at its own rate, the backbone at 1e-3
+    def head_rates(optimizer) -> set[float]:
+        return {g["lr"] for g in optimizer.param_groups if any(names[id(p)].startswith("head.") for p in g["params"])}
+
+    assert head_rates(optimizer) == {2e-4}  # the head at its cap, the backbone at 1e-3
+    assert head_rates(build_optimizer(model, lr=1e-4, head_lr_cap=2e-4, weight_decay=0.05)) == {1e-4}  # below it
 
 
 def test_a_diverged_epoch_says_so_and_is_never_the_best(tmp_path):
