@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 
 from mlcls_ray import cli, model_dir, storage
+from mlcls_ray.infer import export
 from mlcls_ray.infer.export import EXPORT_RESULT, GRAPH_FILES, OPSET, export_model
 from mlcls_ray.infer.predictor import Predictor
 
@@ -90,6 +93,7 @@ def test_cli_writes_an_inference_folder_that_is_a_model_folder(exported, tiny_mo
     assert result["input"] == {"name": "x", "dtype": "float32", "shape": [None, 3, 32, 32]}
     assert result["output"] == {"name": "probs", "dtype": "float32", "shape": [None, 4]}
     assert result["opset"] == (OPSET if fmt == "onnx" else None)
+    assert result["checked"] is True  # onnxruntime is a test extra, so the ONNX graph was run at export too
     np.testing.assert_allclose(Predictor(str(inference)).probabilities(squares), expected, atol=1e-6)
 
 
@@ -110,6 +114,39 @@ def test_graph_alone_reproduces_the_predictor(exported, tiny_model, squares, exp
     probs = np.load(tmp_path / "probs.npy")
     assert probs.shape == (len(squares), 4)
     np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)  # the issue asks 1e-4; fp32 gives ~1e-7
+
+
+class _ExportOnlyBranch(export._WithSigmoid):
+    """A network with an export-only branch, as some models have (``torch.onnx.is_in_onnx_export()``): its ONNX graph
+    really computes something other than the network does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = super().forward(x)
+        return probs + 1e-3 if torch.onnx.is_in_onnx_export() else probs
+
+
+def test_an_onnx_graph_that_differs_from_the_network_fails_the_export(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "_WithSigmoid", _ExportOnlyBranch)
+    assert _export_cli(tiny_model, str(tmp_path / "out"), "onnx") == 1  # onnxruntime ran the graph: 1e-3 apart
+    message = capsys.readouterr().err.splitlines()[0]  # the CLI's one line (the next says how to see a traceback)
+    assert re.fullmatch(rf"mlcls: export failed: .*{re.escape(tiny_model)}: the ONNX graph \(onnxruntime\) differs "
+                        r"from the network by 0\.001 at batch 1 \(more than 0\.0001\); .*Export\.format=torchscript",
+                        message), message
+    assert json.loads((tmp_path / "out" / EXPORT_RESULT).read_text())["done_flag"] is False
+    assert not (tmp_path / "out" / "inference").exists()
+    # without onnxruntime the same graph cannot be run: the export goes through and says it was not checked
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` then raises ImportError
+    assert _export_cli(tiny_model, str(tmp_path / "out"), "onnx") == 0
+    assert json.loads((tmp_path / "out" / EXPORT_RESULT).read_text())["checked"] is False
+    assert "onnxruntime is not installed" in capsys.readouterr().out
+
+
+def test_the_opset_is_stated_once():
+    """Every "opset N" in the README, the presets and the exporter's docstring is the one the exporter uses."""
+    root = Path(__file__).resolve().parents[2]
+    texts = [root / "README.md", Path(export.__file__), *sorted((root / "mlcls_ray" / "configs").glob("*.yaml"))]
+    stated = {(p.name, int(n)) for p in texts for n in re.findall(r"opset (\d+)", p.read_text(), re.I)}
+    assert stated and {n for _, n in stated} == {OPSET}, stated
 
 
 def test_missing_model_folder_is_one_line_and_exit_1(tmp_path, capsys):
