@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 IMAGE_DIR = "/home/ray/app"  # cluster/Dockerfile's WORKDIR; jobs/ is copied into it
 PYTHON = "/home/ray/anaconda3/bin/python"  # the interpreter of the rayproject/ray base image
-IMAGE = "mlcls-ray:latest"  # the placeholder image name, same in every file
+IMAGE = "mlcls-ray:<git-sha>"  # the placeholder image name and tag, same in every file
+MIN_DRIVER = {"13.0": 580}  # the NVIDIA driver a torch CUDA build needs (CUDA 13.0: 580); a torch upgrade adds a row
 MODEL_DIR = "s3://bucket/runs/x/best_model"
 
 
@@ -101,7 +102,45 @@ def test_image_is_the_dockerfiles_and_matches_our_ray_and_python():
     assert aws["docker"]["image"].rsplit("/", 1)[-1] == IMAGE
 
 
+def test_no_instruction_names_a_mutable_tag():
+    """A pod pulls IfNotPresent, so a reused tag keeps the old image on a node after a rebuild: the manifests name the
+    commit's tag (IMAGE, checked above), and no file or instruction builds or names a reused one."""
+    texts = [*sorted(CLUSTER.iterdir()), ROOT / "README.md"]
+    mutable = [(p.name, m) for p in texts for m in re.findall(r"mlcls-ray:(?:latest|<tag>)\b", p.read_text())]
+    assert mutable == []
+
+
+def test_base_image_and_driver_match_the_pinned_torch():
+    """torch's wheels bring their own CUDA runtime: the base image is of the same CUDA version, every file that speaks
+    of the nodes names the driver that version needs, and the documented GPU node check prints what it should."""
+    import torch
+
+    cuda = torch.version.cuda  # of the pinned wheel: the venv holds the torch the image installs
+    assert cuda in MIN_DRIVER, f"torch is built for CUDA {cuda}: add its minimum NVIDIA driver to MIN_DRIVER"
+    texts = {str(p.relative_to(ROOT)): p.read_text() for p in (CLUSTER / "Dockerfile", CLUSTER / "aws-cluster.yaml",
+                                                               CLUSTER / "README.md", ROOT / "README.md")}
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", texts["cluster/Dockerfile"], re.M).group(1)
+    assert base.endswith("-cu" + cuda.replace(".", "")), (base, cuda)
+    for name, text in texts.items():
+        assert f"driver >= {MIN_DRIVER[cuda]}" in text, f"{name}: say which NVIDIA driver the image needs"
+        assert set(re.findall(r"CUDA (\d+\.\d+)", text)) <= {cuda}, f"{name}: names another CUDA version"
+    check = re.search(r"--entrypoint-num-gpus 1 -- python -c \"([^\"]+)\"", texts["cluster/README.md"]).group(1)
+    for part in ("torch.cuda.is_available()", "torch.version.cuda", "torch.backends.cudnn.version()"):
+        assert part in check, part
+    compile(check, "the GPU node check", "exec")
+
+
 # --- KubeRay cluster specs -----------------------------------------------------------------------------------
+
+def test_token_auth_comes_with_the_operator_check():
+    """KubeRay < 1.5.1 drops authOptions without an error and leaves the dashboard open: the steps check the CRD."""
+    check = "kubectl explain raycluster.spec.authOptions"
+    assert all(spec["authOptions"]["mode"] == "token" for spec in _cluster_specs().values())
+    for path in (ROOT / "README.md", CLUSTER / "README.md", CLUSTER / "kuberay-raycluster.yaml"):
+        text = path.read_text()
+        assert check in text, f"{path.relative_to(ROOT)}: tell the operator to run `{check}`"
+        assert not re.search(r"KubeRay >= 1\.5(?!\.1)\b", text), f"{path.relative_to(ROOT)}: authOptions needs 1.5.1"
+
 
 @pytest.mark.parametrize("name", sorted(_cluster_specs()))
 def test_cluster_spec_layout(name):
@@ -206,6 +245,10 @@ def test_train_job_uses_gpu_workers_it_can_get_and_a_retry_resumes():
     assert int(o["Train.num_workers"]) <= sum(g["maxReplicas"] * _gpus(g["template"]["spec"]) for g in gpu)
     env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"]
     assert env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "600"
+    # and the file says so: no comment may promise an operator that a retry starts over
+    comments = [line for line in (CLUSTER / "kuberay-rayjob-train.yaml").read_text().splitlines() if "#" in line]
+    wrong = [c for c in comments if re.search(r"epoch 0|from scratch|starts? over|from the start", c, re.I)]
+    assert wrong == [], wrong
 
 
 def test_label_job_writes_s3_and_its_actors_fit_the_gpu_group():
@@ -311,7 +354,13 @@ def test_aws_launcher_yaml_validates():
     assert gpu and all(t["max_workers"] >= 1 for t in gpu)
     for t in types.values():
         assert t["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
-    assert "--shm-size=16g" in prepared["docker"]["run_options"]
+    # /dev/shm holds the object store: one fixed size for every node type would cap it on the larger ones, so the
+    # launcher sizes it per node from the node's memory (it does so when no run option names --shm-size)
+    docker = [prepared["docker"], *(t.get("docker", {}) for t in types.values())]
+    options = [o for d in docker for key in ("run_options", "head_run_options", "worker_run_options")
+               for o in d.get(key, [])]
+    assert not [o for o in options if "--shm-size" in o], options
+    assert not prepared["docker"].get("disable_shm_size_detection")
     assert prepared["setup_commands"] == [], "everything comes from the image"
 
 
