@@ -14,6 +14,7 @@ import functools
 import os
 import posixpath
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO
@@ -26,6 +27,7 @@ __all__ = [
     "StorageError",
     "aws_env",
     "backup",
+    "create_new",
     "delete",
     "exists",
     "is_dir",
@@ -37,6 +39,8 @@ __all__ = [
     "open_output",
     "read_bytes",
     "read_text",
+    "read_versioned",
+    "replace_if",
     "replacing",
     "resolve",
     "size",
@@ -260,6 +264,137 @@ def delete(uri: str) -> None:
         pass
     except OSError as exc:
         raise StorageError(f"{uri}: cannot delete ({exc})") from exc
+
+
+def _s3_key(uri: str) -> tuple[object, str, str]:
+    """A boto3 client for the URI's bucket (the same AWS variables as :func:`resolve`), the bucket and the key."""
+    import boto3
+
+    bucket, _, key = resolve(uri)[1].partition("/")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or \
+        _bucket_region(bucket, tuple(os.environ.get(k) for k in _ENV))
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region), bucket, key
+
+
+def _condition_failed(exc: Exception) -> bool:
+    """S3 refused a conditional request: 412, or 409 when a concurrent conditional write won the race."""
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404")
+
+
+def _local_version(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_ino}:{st.st_mtime_ns}"
+
+
+def create_new(uri: str, data: bytes) -> str | None:
+    """Write a small file only if there is none: its version (see :func:`read_versioned`) if this call created it,
+    None if something was there.
+
+    On S3 one PutObject with ``If-None-Match: *``, decided by S3; locally ``open(O_CREAT | O_EXCL)``. A reader can
+    see the local file empty for the moment between its creation and its one write.
+    """
+    if is_remote(uri):
+        client, bucket, key = _s3_key(uri)
+        try:
+            return client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
+        except Exception as exc:
+            if _condition_failed(exc):
+                return None
+            raise StorageError(f"{uri}: cannot create ({type(exc).__name__}: {exc})") from exc
+    path = resolve(uri)[1]
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot create ({exc})") from exc
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return _local_version(path)
+
+
+def read_versioned(uri: str) -> tuple[bytes, str, float] | None:
+    """``(content, version, age in seconds)`` of a small file, or None when there is none.
+
+    The version is what :func:`replace_if` checks: S3's ETag, locally the inode and modification time. The age is
+    measured by the storage's clock on S3 (its ``Date`` against ``Last-Modified``, to the second), so hosts whose
+    clocks disagree still agree on it; locally by this host's clock.
+    """
+    if is_remote(uri):
+        client, bucket, key = _s3_key(uri)
+        try:
+            got = client.get_object(Bucket=bucket, Key=key)
+            data = got["Body"].read()
+        except Exception as exc:
+            if _condition_failed(exc):
+                return None
+            raise StorageError(f"{uri}: cannot read ({type(exc).__name__}: {exc})") from exc
+        from email.utils import parsedate_to_datetime
+
+        now = parsedate_to_datetime(got["ResponseMetadata"]["HTTPHeaders"]["date"])
+        return data, got["ETag"], (now - got["LastModified"]).total_seconds()
+    path = resolve(uri)[1]
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            return f.read(), f"{st.st_ino}:{st.st_mtime_ns}", time.time() - st.st_mtime
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot read ({exc})") from exc
+
+
+def replace_if(uri: str, data: bytes | None, version: str) -> str | None:
+    """Overwrite a small file (or delete it, ``data=None``) only if it is still at ``version`` from
+    :func:`read_versioned`: the new version ("" once deleted) if done, None if another writer changed or removed
+    it first.
+
+    On S3 a PutObject or DeleteObject with ``If-Match`` on the ETag. Locally the file is renamed aside and its version
+    checked (put back if it was not the one expected), and the new content is hard-linked into place, which fails
+    rather than overwrite a file another writer created in between.
+    """
+    if is_remote(uri):
+        client, bucket, key = _s3_key(uri)
+        try:
+            if data is None:
+                client.delete_object(Bucket=bucket, Key=key, IfMatch=version)
+                return ""
+            return client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
+        except Exception as exc:
+            if _condition_failed(exc):
+                return None
+            raise StorageError(f"{uri}: cannot replace ({type(exc).__name__}: {exc})") from exc
+    path = resolve(uri)[1]
+    aside = f"{path}.{uuid.uuid4().hex}.old"
+    try:
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return None
+        if _local_version(aside) != version:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)  # not ours to replace: put it back
+            return None
+        if data is None:
+            return ""
+        with open_output(f"{aside}.new") as f:
+            f.write(data)
+        try:
+            os.link(f"{aside}.new", path)
+        except FileExistsError:
+            return None
+        return _local_version(path)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot replace ({exc})") from exc
+    finally:
+        for leftover in (aside, f"{aside}.new"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
 
 
 def backup(uri: str) -> str | None:
