@@ -20,7 +20,7 @@ import yaml
 
 from mlcls_ray import storage
 from mlcls_ray.data.images import MAX_PIXELS_CEILING
-from mlcls_ray.infer import thresholds
+from mlcls_ray.infer import fetch, thresholds
 
 __all__ = ["SCHEMA", "Config", "ConfigError", "Key", "device_count", "list_presets", "load_config",
            "parse_override"]
@@ -142,7 +142,26 @@ SCHEMA: dict[str, Key] = {
                                  min=1),
     "Serve.max_images_per_request": Key(int, "images the batch endpoint takes in one request", min=1),
     "Serve.allow_urls": Key(bool, "let requests name an http(s) URL to fetch (public addresses only)"),
-    "Serve.url_timeout_s": Key(float, "timeout of one URL fetch", min=0.1, max=120.0),
+    "Serve.url_timeout_s": Key(float, "deadline of one URL fetch, the lookup and every byte included", min=0.1,
+                               max=120.0),
+    "Serve.url_ports": Key(object, "ports an image URL may name, e.g. [80, 443]", parse=fetch.parse_ports),
+    "Serve.url_allow_networks": Key(object, "networks URLs may reach although they are not public (an internal image "
+                                    "store), e.g. [10.20.0.0/16]; [] = public addresses only",
+                                    parse=fetch.parse_networks),
+    "Serve.fetch_threads": Key(int, "URL fetches one replica runs at once", min=1),
+    "Serve.max_request_bytes": Key(int, "largest request body; a larger one is refused (413) before it is read",
+                                   min=1),
+    "Serve.max_image_pixels": Key(int, "a request's images with more pixels are refused (Serve's own limit)", min=1,
+                                  max=MAX_PIXELS_CEILING),
+    "Serve.decode_threads": Key(int, "images one replica decodes at once", min=1),
+    "Serve.cpus_per_replica": Key(float, "CPUs each replica reserves, and on CPU its torch threads; null = 1 with a "
+                                  "GPU, 0.5 on CPU", nullable=True, min=0.01),
+    "Serve.request_timeout_s": Key(float, "end-to-end limit of one HTTP request at Serve's proxy (408 after it)",
+                                   min=0.1),
+    "Serve.auth_token_env": Key(str, "name of the environment variable holding the bearer token requests must "
+                                "send; null = no token", nullable=True),
+    "Serve.visualize": Key(bool, "return the image with its labels drawn (result.image) when a request does not "
+                           "say; PaddleX's default is True"),
     # PaddleX YAMLs say `paddle`; it is accepted so they load unchanged, and means the one engine there is: torch
     "Predict.kernel_option.run_mode": Key(str, "inference engine", choices=("torch", "paddle")),
 }

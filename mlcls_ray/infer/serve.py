@@ -4,10 +4,13 @@
 RayService build it from ``import_path: mlcls_ray.infer.serve:build_app`` (:func:`build_app`). Both go through
 :func:`deployment_options`, the one place that maps settings to replicas, batching and autoscaling.
 
-Each request's image is decoded and resized in a thread (on CPU) and joins a ``@serve.batch`` of up to
-``max_batch_size`` images for one forward pass; on a GPU the file's bytes join the batch and JPEGs are decoded on the
-device (:meth:`Predictor.score_encoded`). Bad input is answered with a 4xx whose ``errorCode`` is the HTTP status (as
-PaddleX does) and whose ``errorMsg`` says what was wrong; it never reaches the model and never restarts a replica.
+Each request's image is decoded and resized on the replica's decode threads (on CPU) and joins a ``@serve.batch`` of
+up to ``max_batch_size`` images for one forward pass on its model thread; on a GPU the file's bytes join the batch
+and JPEGs are decoded on the device (:meth:`Predictor.score_encoded`). URLs are fetched on threads of their own
+(:mod:`mlcls_ray.infer.fetch`). Every pool is bounded, and so are a request's bytes and an image's pixels, so a
+handful of requests cannot exhaust a replica's memory. Bad input is answered with a 4xx whose ``errorCode`` is the
+HTTP status (as PaddleX does) and whose ``errorMsg`` says what was wrong; it never reaches the model and never
+restarts a replica.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at runtime, and through
@@ -17,22 +20,24 @@ import base64
 import binascii
 import collections
 import dataclasses
-import http.client
-import ipaddress
+import functools
+import hashlib
+import hmac
 import json
 import logging
 import math
 import os
 import re
 import signal
-import socket
 import threading
-import time
-import urllib.parse
+import types
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -43,15 +48,18 @@ from starlette.exceptions import HTTPException
 from mlcls_ray import model_dir as model_folder
 from mlcls_ray import storage
 from mlcls_ray.config import Config
-from mlcls_ray.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError
+from mlcls_ray.data.images import ImageDecodeError, decode_image
+from mlcls_ray.devices import torch_device
 from mlcls_ray.infer import thresholds as thr
+from mlcls_ray.infer.fetch import DEFAULT_PORTS, RequestError, fetch_url, parse_networks, parse_ports
 from mlcls_ray.infer.predictor import Predictor
 
-__all__ = ["APP_NAME", "ROUTE", "RequestError", "ServeSettings", "build_app", "check_address", "deployment_options",
-           "fetch_url", "run_serve", "settings_from_config"]
+__all__ = ["APP_NAME", "ROUTE", "SERVE_MAX_PIXELS", "ServeSettings", "build_app", "deployment_options", "probe",
+           "run_serve", "settings_from_config"]
 
 APP_NAME = "mlcls"
 ROUTE = "/multilabel-image-classification"
+SERVE_MAX_PIXELS = 25_000_000  # a request's image, not a dataset's: 75 MB decoded, where 89.5 MP would be 270 MB
 _JSON_SLACK = 64 << 10  # room for the threshold and the JSON around the base64 image(s)
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 logger = logging.getLogger(__name__)
@@ -64,16 +72,24 @@ class ServeSettings:
 
     model_dir: str
     device: str = "cpu"  # cpu | gpu | gpu:0,1 as Global.device; on a GPU each replica takes one
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    cpus_per_replica: float | None = None  # None: 1 with a GPU, 0.5 on CPU; torch threads follow it on CPU
     max_batch_size: int = 16
     batch_wait_timeout_s: float = 0.05
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 16.0
+    max_request_bytes: int = 32 << 20
     max_image_bytes: int = 20 << 20
+    max_image_pixels: int = SERVE_MAX_PIXELS
     max_images_per_request: int = 64
+    decode_threads: int = 4
+    visualize: bool = False
     allow_urls: bool = False
     url_timeout_s: float = 5.0
+    url_ports: tuple[int, ...] = DEFAULT_PORTS
+    url_allow_networks: tuple[str, ...] = ()
+    fetch_threads: int = 8
+    auth_token_env: str | None = None
 
     @property
     def on_gpu(self) -> bool:
@@ -95,9 +111,10 @@ class ServeSettings:
             if name not in fields or name == "model_dir":
                 continue
             try:
-                values[name] = _coerce(value, type(fields[name].default))
-            except ValueError:
-                problems.append(f"{name}={value!r} is not a {type(fields[name].default).__name__}")
+                values[name] = _LISTS[name](value) if name in _LISTS else _coerce(value, fields[name].type)
+            except ValueError as exc:
+                problems.append(f"{name}={value!r}: {exc}" if name in _LISTS
+                                else f"{name}={value!r} is not a {_type_name(fields[name].type)}")
         if "device" in values and not re.fullmatch(r"cpu|gpu(:\d+(,\d+)*)?", values["device"]):
             problems.append(f"device={values['device']!r}: use cpu, gpu or gpu:0,1")
         if problems:
@@ -105,7 +122,19 @@ class ServeSettings:
         return cls(model_dir=storage.absolute(args["model_dir"]), **values)
 
 
-def _coerce(value: Any, kind: type) -> Any:
+_LISTS: dict[str, Callable[[Any], tuple]] = {"url_ports": lambda v: tuple(parse_ports(v)),
+                                             "url_allow_networks": lambda v: tuple(parse_networks(v))}
+
+
+def _type_name(kind: Any) -> str:
+    return str(kind) if isinstance(kind, types.UnionType) else kind.__name__
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    if isinstance(kind, types.UnionType):  # X | None
+        if value is None or isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return None
+        kind = next(k for k in kind.__args__ if k is not type(None))
     if kind is bool:
         if isinstance(value, str) and value.strip().lower() in ("true", "false"):
             return value.strip().lower() == "true"
@@ -120,100 +149,63 @@ def _coerce(value: Any, kind: type) -> Any:
 
 
 def settings_from_config(cfg: Config) -> ServeSettings:
-    """The ``Serve`` section (plus ``Global.device``, ``Global.max_image_pixels``) as :class:`ServeSettings`."""
+    """The ``Serve`` section (plus ``Global.device``) as :class:`ServeSettings`."""
     model = cfg["Serve.model_dir"] or storage.join(cfg["Global.output"], "best_model")
-    keys = ("max_batch_size", "batch_wait_timeout_s", "min_replicas", "max_replicas", "target_ongoing_requests",
-            "max_image_bytes", "max_images_per_request", "allow_urls", "url_timeout_s")
+    keys = ("cpus_per_replica", "max_batch_size", "batch_wait_timeout_s", "min_replicas", "max_replicas",
+            "target_ongoing_requests", "max_request_bytes", "max_image_bytes", "max_image_pixels",
+            "max_images_per_request", "decode_threads", "visualize", "allow_urls", "url_timeout_s", "fetch_threads",
+            "auth_token_env")
     return ServeSettings(model_dir=storage.absolute(model), device=cfg["Global.device"],
-                         max_image_pixels=cfg["Global.max_image_pixels"], **{k: cfg[f"Serve.{k}"] for k in keys})
+                         url_ports=tuple(cfg["Serve.url_ports"]),
+                         url_allow_networks=tuple(cfg["Serve.url_allow_networks"]),
+                         **{k: cfg[f"Serve.{k}"] for k in keys})
 
 
 def deployment_options(s: ServeSettings) -> dict[str, Any]:
     """Replica resources, concurrency, autoscaling and batching for ``Deployment.options``: the one mapping."""
+    # on CPU a small reservation by default, so a replica fits beside other work on a small node
+    cpus = s.cpus_per_replica if s.cpus_per_replica is not None else 1 if s.on_gpu else 0.5
     return {
         # Serve's default of 5 ongoing requests would cap every batch at 5; leave room for two full batches
         "max_ongoing_requests": max(2 * s.max_batch_size, math.ceil(s.target_ongoing_requests)),
         "autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                "target_ongoing_requests": s.target_ongoing_requests},
-        # on CPU a small reservation, so a replica fits beside other work on a small node; threads are set apart
-        "ray_actor_options": {"num_gpus": 1, "num_cpus": 1} if s.on_gpu else {"num_cpus": 0.5},
+        "ray_actor_options": {"num_gpus": 1, "num_cpus": cpus} if s.on_gpu else {"num_cpus": cpus},
         # applied by reconfigure(), so `serve deploy` can retune batching without reloading the model
         "user_config": {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
     }
 
 
-class RequestError(Exception):
-    """Bad input: answered with ``status`` (also the ``errorCode``), counted under ``kind``."""
-
-    def __init__(self, status: int, kind: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.message = message
-
-
-# ---- URLs: off by default; when on, public addresses only, the connection pinned to the address checked ----------
-
-def check_address(ip: str) -> None:
-    """Refuse an address a server should not be made to fetch from (SSRF).
+def probe(predictor: Predictor) -> None:
+    """A forward pass on one blank image, for Serve's health check.
 
     Raises:
-        RequestError: the address is private, loopback, link-local, reserved, multicast or unspecified.
+        RuntimeError: the model's scores are not finite or not of the model's shape.
     """
-    addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
-    if (not addr.is_global or addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved
-            or addr.is_multicast or addr.is_unspecified):
-        raise RequestError(403, "url_refused", f"image URL resolves to {addr}, which is not a public address")
+    size = predictor.image_size
+    probs = predictor.probabilities(np.zeros((1, size, size, 3), np.uint8))  # [1, C]
+    if probs.shape != (1, len(predictor.label_names)) or not np.isfinite(probs).all():
+        raise RuntimeError(f"the model scores a blank image as {probs.tolist()}: not {len(predictor.label_names)} "
+                           "finite numbers")
 
 
-def fetch_url(url: str, max_bytes: int, timeout_s: float) -> bytes:
-    """GET an http(s) URL's bytes; no redirects, at most ``max_bytes``, ``timeout_s`` in all.
-
-    Raises:
-        RequestError: the URL is malformed, resolves to a non-public address, redirects, fails, or is too large.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RequestError(422, "bad_url", f"image URL {url!r}: only http:// and https:// URLs with a host are taken")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (OSError, ValueError) as exc:
-        raise RequestError(422, "url_failed", f"image URL {url!r}: cannot resolve the host ({exc})") from None
-    for info in infos:  # every address the name has, so a second lookup cannot pick an unchecked one
-        check_address(info[4][0])
-    return _download(parts, infos[0][4][0], port, max_bytes, timeout_s)
+def _auth_token(env: str | None) -> bytes | None:
+    """The bearer token's digest, from the environment variable named ``env`` (a Kubernetes Secret fills it)."""
+    if not env:
+        return None
+    token = os.environ.get(env, "").strip()
+    if not token:
+        raise RuntimeError(f"Serve.auth_token_env={env}: the environment variable {env} is not set (or empty) on this "
+                           "node; set it where the replicas run (a Kubernetes Secret), or leave auth_token_env unset")
+    return hashlib.sha256(token.encode()).digest()
 
 
-def _download(parts: urllib.parse.SplitResult, ip: str, port: int, max_bytes: int, timeout_s: float) -> bytes:
-    deadline = time.monotonic() + timeout_s
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname, port, timeout=timeout_s)
-    # connect to the address that was checked (no DNS rebinding); TLS still verifies the certificate of the name
-    conn._create_connection = lambda _addr, timeout, source: socket.create_connection((ip, port), timeout, source)
-    url = parts.geturl()
-    try:
-        conn.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")))
-        resp = conn.getresponse()
-        if 300 <= resp.status < 400:
-            raise RequestError(422, "url_failed", f"image URL {url!r} redirects (HTTP {resp.status}); redirects are "
-                                                  "not followed, give the final URL")
-        if resp.status != 200:
-            raise RequestError(422, "url_failed", f"image URL {url!r} answered HTTP {resp.status}")
-        data = bytearray()
-        while chunk := resp.read(min(1 << 16, max_bytes + 1 - len(data))):
-            data += chunk
-            if len(data) > max_bytes:
-                raise RequestError(413, "too_large", f"image URL {url!r} is over the limit of {max_bytes:,} bytes")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not done after {timeout_s} s")
-        return bytes(data)
-    except (OSError, http.client.HTTPException) as exc:
-        raise RequestError(422, "url_failed", f"image URL {url!r}: {type(exc).__name__}: {exc}") from None
-    finally:
-        conn.close()
+def _drawn(data: bytes, result: dict, max_pixels: int) -> str:
+    """The image with its labels drawn below it, as predict saves it (``<name>_res.jpg``), in base64."""
+    from mlcls_ray.data.report import demo_image_jpeg  # matplotlib comes with it; only when an image is drawn
+
+    shown = [f"{n} ({s:.2f})" for n, s in zip(result["label_names"], result["scores"])]
+    return base64.b64encode(demo_image_jpeg(decode_image(data, max_pixels), shown)).decode()
 
 
 # ---- the app --------------------------------------------------------------------------------------------------------
@@ -221,12 +213,16 @@ def _download(parts: urllib.parse.SplitResult, ip: str, port: int, max_bytes: in
 app = FastAPI(title="mlcls-ray multi-label image classification", docs_url=None, redoc_url=None)
 
 
-def _reply(status: int, message: str, result: dict | None = None) -> JSONResponse:
+def _reply(status: int, message: str, result: dict | None = None, headers: dict | None = None) -> JSONResponse:
     body: dict[str, Any] = {"logId": str(uuid.uuid4()), "errorCode": 0 if status == 200 else status,
                             "errorMsg": message}
     if result is not None:
         body["result"] = result
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _refusal(exc: RequestError) -> JSONResponse:
+    return _reply(exc.status, exc.message, headers={"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
 
 
 @app.exception_handler(HTTPException)
@@ -241,7 +237,8 @@ async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _read_json(request: Request, limit: int, why: str) -> dict:
-    """The request body as a JSON object, read no further than ``limit`` bytes (``why`` says where that comes from)."""
+    """The request body as a JSON object, read no further than ``limit`` bytes (``why`` says where that comes from):
+    a declared length over it is refused before the body is read, a streamed one as soon as it passes it."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError(413, "too_large", f"the request body ({int(declared):,} bytes) is over the limit of "
@@ -253,8 +250,8 @@ async def _read_json(request: Request, limit: int, why: str) -> dict:
             raise RequestError(413, "too_large", f"the request body is over the limit of {limit:,} bytes ({why})")
     try:
         data = json.loads(body)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
-        raise RequestError(400, "not_json", f"the request body is not JSON ({exc})") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike; PaddleX answers 422 too
+        raise RequestError(422, "not_json", f"the request body is not JSON ({exc})") from None
     if not isinstance(data, dict):
         raise RequestError(422, "wrong_type", f"the request body must be a JSON object, not {type(data).__name__}")
     return data
@@ -276,18 +273,25 @@ def _b64decode(text: str, max_bytes: int) -> bytes:
 @serve.deployment(name="MultiLabelClassifier")
 @serve.ingress(app)
 class MultiLabelClassifier:
-    """One Predictor per replica; HTTP routes in PaddleX's schema, and ``stats()`` for a DeploymentHandle."""
+    """One Predictor per replica; HTTP routes in PaddleX's schema, ``check_health`` for Serve, and ``stats()`` for a
+    DeploymentHandle."""
 
     def __init__(self, settings: ServeSettings):
+        self._token = _auth_token(settings.auth_token_env)
+        # the CPUs Ray reserved for this replica, not the node's: replicas side by side must not oversubscribe it
+        self._cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         if not settings.on_gpu:
-            # the reservation is small (0.5 CPU) so that replicas fit; their forward passes share half the node's cores
-            # and leave the rest to the HTTP proxy and the decode threads (more threads on 2 cores ran slower)
             import torch
 
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 * settings.max_replicas)))
+            torch.set_num_threads(max(1, int(self._cpus)))
         self.settings = settings
-        self.predictor = Predictor(settings.model_dir, device="cuda" if settings.on_gpu else "cpu",
+        self.predictor = Predictor(settings.model_dir, device=torch_device(settings.device, ray_assigned=True),
                                    max_pixels=settings.max_image_pixels)
+        # one pool per kind of work, each bounded: a slow URL cannot hold a decode thread, nor decodes the model
+        self._model = ThreadPoolExecutor(1, thread_name_prefix="mlcls-model")
+        self._decodes = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="mlcls-decode")
+        self._fetches = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="mlcls-fetch")
+        self._decode_threads_seen: set[str] = set()
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)
         self._images = 0
         self._errors: collections.Counter[str] = collections.Counter()
@@ -302,9 +306,27 @@ class MultiLabelClassifier:
         self._score.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s",
                                                               self.settings.batch_wait_timeout_s)))
 
+    async def check_health(self) -> None:
+        """Serve's periodic probe: a forward pass on one blank image, on the model's thread; raising replaces the
+        replica."""
+        await self._on(self._model, probe, self.predictor)
+
     def stats(self) -> dict:
-        """Batch sizes seen (the latest 10,000), images labeled and errors by kind, for tests and debugging."""
-        return {"batch_sizes": list(self._batch_sizes), "images": self._images, "errors": dict(self._errors)}
+        """Batch sizes seen (the latest 10,000), images labeled, errors by kind, the CPUs Ray gave the replica with
+        its torch threads, and how many decode threads have run, for tests and debugging."""
+        import torch
+
+        return {"batch_sizes": list(self._batch_sizes), "images": self._images, "errors": dict(self._errors),
+                "cpus": self._cpus, "torch_threads": torch.get_num_threads(),
+                "decode_threads": len(self._decode_threads_seen)}
+
+    @staticmethod
+    async def _on(pool: ThreadPoolExecutor, fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        self._decode_threads_seen.add(threading.current_thread().name)
+        return self.predictor.decode(data)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # reset from the settings by reconfigure()
     async def _score(self, items: list) -> list[tuple[np.ndarray, ImageDecodeError | None]]:
@@ -312,20 +334,54 @@ class MultiLabelClassifier:
         self._batch_sizes.append(len(items))
         self._batch_metric.observe(len(items))
         if self.settings.on_gpu:
-            probs, errors = await asyncio.to_thread(self.predictor.score_encoded, items)
+            probs, errors = await self._on(self._model, self.predictor.score_encoded, items)
         else:
-            probs, errors = await asyncio.to_thread(self.predictor.probabilities, np.stack(items)), [None] * len(items)
+            probs = await self._on(self._model, self.predictor.probabilities, np.stack(items))
+            errors = [None] * len(items)
         return list(zip(probs, errors))
 
     def _refused(self, exc: RequestError) -> None:
         self._errors[exc.kind] += 1
         self._error_metric.inc(tags={"kind": exc.kind})
 
-    def _thresholds(self, body: dict) -> np.ndarray:
+    def _authorize(self, request: Request) -> None:
+        """Bearer auth when ``auth_token_env`` is set, compared in constant time (digests of equal length)."""
+        if self._token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(),
+                                                                 self._token):
+            raise RequestError(401, "unauthorized", "a bearer token is required: send the header "
+                                                    "'Authorization: Bearer <token>'")
+
+    def _options(self, body: dict) -> tuple[np.ndarray, bool]:
+        """A request's thresholds (top-level ``threshold``, or PaddleX's ``inferenceParams.threshold``) and whether
+        to draw the labels on the image (``visualize``; ``Serve.visualize`` when absent or null)."""
+        params = body.get("inferenceParams")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise RequestError(422, "wrong_type", f"inferenceParams must be an object, not {type(params).__name__}")
+        given = [v for v in (body.get("threshold"), params.get("threshold")) if v is not None]
+        if len(given) > 1:
+            raise RequestError(422, "bad_threshold", "threshold is given twice: at the top level and in "
+                                                     "inferenceParams; give one")
         try:
-            return self.predictor.thresholds_for(thr.parse(body.get("threshold")))
+            thresholds = self.predictor.thresholds_for(thr.parse(given[0] if given else None))
         except thr.ThresholdError as exc:
             raise RequestError(422, "bad_threshold", str(exc)) from None
+        visualize = body.get("visualize")
+        if visualize is not None and not isinstance(visualize, bool):
+            raise RequestError(422, "wrong_type", f"visualize must be true, false or null, not {visualize!r}")
+        return thresholds, self.settings.visualize if visualize is None else visualize
+
+    def _body_limit(self, images: int) -> tuple[int, str]:
+        """The most bytes a request with up to ``images`` images may have, and which setting says so."""
+        s = self.settings
+        needed = images * (s.max_image_bytes * 4 // 3 + 8) + _JSON_SLACK
+        if needed <= s.max_request_bytes:
+            return needed, f"{images} image(s) of up to {s.max_image_bytes:,} bytes in base64"
+        return s.max_request_bytes, "Serve.max_request_bytes"
 
     async def _image_bytes(self, image: Any) -> bytes:
         s = self.settings
@@ -340,10 +396,12 @@ class MultiLabelClassifier:
         if not s.allow_urls:
             raise RequestError(403, "urls_disabled", "image URLs are disabled on this server (Serve.allow_urls="
                                                      "False); send the image as base64")
-        return await asyncio.to_thread(fetch_url, image, s.max_image_bytes, s.url_timeout_s)
+        return await self._on(self._fetches, fetch_url, image, s.max_image_bytes, s.url_timeout_s, s.url_ports,
+                              s.url_allow_networks)
 
-    async def _label(self, image: Any, thresholds: np.ndarray) -> dict:
-        """One image -> PaddleX's ``result``: ``categories`` over threshold, highest score first."""
+    async def _label(self, image: Any, thresholds: np.ndarray, visualize: bool) -> dict:
+        """One image -> PaddleX's ``result``: ``categories`` over threshold, highest score first, and ``image``, the
+        image with its labels drawn (base64 JPEG) when ``visualize``, else null."""
         data = await self._image_bytes(image)
         try:
             if self.settings.on_gpu:
@@ -351,37 +409,41 @@ class MultiLabelClassifier:
                 if error is not None:
                     raise error
             else:
-                probs, _ = await self._score(await asyncio.to_thread(self.predictor.decode, data))
+                probs, _ = await self._score(await self._on(self._decodes, self._decode, data))
         except ImageDecodeError as exc:
             raise RequestError(422, exc.kind, f"image: {exc.reason}") from None
         self._images += 1
         self._image_metric.inc()
         res = self.predictor.labels(probs[None], thresholds)[0]
+        drawn = await self._on(self._decodes, _drawn, data, res, self.settings.max_image_pixels) if visualize else None
         return {"categories": [{"id": i, "name": n, "score": p}
-                               for i, n, p in zip(res["class_ids"], res["label_names"], res["scores"])], "image": None}
+                               for i, n, p in zip(res["class_ids"], res["label_names"], res["scores"])],
+                "image": drawn}
 
     @app.post(ROUTE)
     async def classify(self, request: Request) -> JSONResponse:
-        """PaddleX's endpoint: ``{"image": base64 | URL, "threshold"?}`` -> ``{"result": {"categories": [...]}}``."""
+        """PaddleX's endpoint: ``{"image": base64 | URL, "threshold"?, "inferenceParams"?: {"threshold"?},
+        "visualize"?}`` -> ``{"result": {"categories": [...], "image": base64 JPEG | null}}``."""
         try:
-            body = await _read_json(request, self.settings.max_image_bytes * 4 // 3 + _JSON_SLACK,
-                                    f"an image of up to {self.settings.max_image_bytes:,} bytes in base64")
+            self._authorize(request)
+            body = await _read_json(request, *self._body_limit(1))
             if "image" not in body:
                 raise RequestError(422, "missing_field", 'the request body needs "image": base64 or an http(s) URL')
-            result = await self._label(body["image"], self._thresholds(body))
+            result = await self._label(body["image"], *self._options(body))
         except RequestError as exc:
             self._refused(exc)
-            return _reply(exc.status, exc.message)
+            return _refusal(exc)
         return _reply(200, "Success", result)
 
     @app.post(ROUTE + "/batch")
     async def classify_batch(self, request: Request) -> JSONResponse:
-        """``{"images": [...], "threshold"?}`` -> ``{"result": {"results": [...]}}``, one entry per image, in order;
-        an image that fails has its own ``errorCode`` and ``errorMsg`` and the others are still labeled."""
+        """``{"images": [...], "threshold"?, "inferenceParams"?, "visualize"?}`` -> ``{"result": {"results": [...]}}``,
+        one entry per image, in order; an image that fails has its own ``errorCode`` and ``errorMsg`` and the others
+        are still labeled."""
         cap = self.settings.max_images_per_request
         try:
-            body = await _read_json(request, cap * (self.settings.max_image_bytes * 4 // 3 + 8) + _JSON_SLACK,
-                                    f"{cap} images of up to {self.settings.max_image_bytes:,} bytes in base64")
+            self._authorize(request)
+            body = await _read_json(request, *self._body_limit(cap))
             images = body.get("images")
             if not isinstance(images, list) or not images:
                 raise RequestError(422, "missing_field" if images is None else "wrong_type",
@@ -389,14 +451,14 @@ class MultiLabelClassifier:
             if len(images) > cap:
                 raise RequestError(413, "too_many_images", f"{len(images)} images, over the limit of {cap} per "
                                                            "request (Serve.max_images_per_request)")
-            thresholds = self._thresholds(body)
+            options = self._options(body)
         except RequestError as exc:
             self._refused(exc)
-            return _reply(exc.status, exc.message)
+            return _refusal(exc)
 
         async def one(image: Any) -> dict:
             try:
-                return {"errorCode": 0, "errorMsg": "Success", **await self._label(image, thresholds)}
+                return {"errorCode": 0, "errorMsg": "Success", **await self._label(image, *options)}
             except RequestError as exc:
                 self._refused(exc)
                 return {"errorCode": exc.status, "errorMsg": exc.message}
@@ -405,6 +467,7 @@ class MultiLabelClassifier:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
+        """Open without a token, for load balancers; the model itself is probed by :meth:`check_health`."""
         return _reply(200, "Healthy")
 
 
@@ -426,6 +489,7 @@ def run_serve(cfg: Config) -> int:
     """``Global.mode=serve``: run the endpoint in the foreground until Ctrl-C or SIGTERM, then shut Serve down."""
     settings = settings_from_config(cfg)
     model_folder.read_info(settings.model_dir)  # a wrong folder fails here in one line, not in 20 replica retries
+    _auth_token(settings.auth_token_env)  # likewise a missing token (a local Ray's replicas get this environment)
     host, port = cfg["Serve.host"], cfg["Serve.port"]
     running = threading.Event()
     stop = threading.Event()
@@ -439,11 +503,12 @@ def run_serve(cfg: Config) -> int:
     # SIGTERM handler in the driver aborts the process)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg["Serve.request_timeout_s"]})
         serve.run(_application(settings), name=APP_NAME, route_prefix="/")
         local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        auth = f" -H \"Authorization: Bearer ${settings.auth_token_env}\"" if settings.auth_token_env else ""
         print(f"serving {settings.model_dir} on http://{host}:{port} ({settings.device}); Ctrl-C or SIGTERM stops\n"
-              f"  curl -s {local}{ROUTE} -H 'Content-Type: application/json' \\\n"
+              f"  curl -s {local}{ROUTE} -H 'Content-Type: application/json'{auth} \\\n"
               f"    -d \"{{\\\"image\\\": \\\"$(base64 -w0 image.jpg)\\\"}}\"", flush=True)
         running.set()
         while not stop.wait(0.5):

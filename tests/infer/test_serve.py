@@ -1,18 +1,17 @@
-"""The Serve endpoint through real HTTP on 127.0.0.1: PaddleX's schema, thresholds, the batch endpoint, every kind of
-bad input, the URL policy, batching under concurrent clients, the Serve config file and the CLI's serve mode."""
+"""The Serve endpoint through real HTTP on 127.0.0.1: PaddleX's schema, thresholds, the drawn image, the batch
+endpoint, the bearer token, every kind of bad input and the limits, the URL policy, batching under concurrent clients,
+the health probe, the Serve config file and the CLI's serve mode. (The URL fetcher itself: test_fetch.py.)"""
 
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,14 +22,20 @@ import requests
 import yaml
 
 from mlcls_ray.config import load_config
+from mlcls_ray.data.images import decode_image
+from mlcls_ray.data.report import demo_image_jpeg
 from mlcls_ray.infer import serve as srv
 from mlcls_ray.infer.predictor import Predictor
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-# small limits to test them with small files; URLs on, to test what is refused (the CLI test sees the default: off)
+# small limits to test them with small files; URLs on, to test what is refused, and a token (the CLI test sees the
+# defaults: URLs off, no token)
 LIMITS = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_image_bytes": 200_000, "max_image_pixels": 100_000,
-          "max_images_per_request": 8, "allow_urls": True, "url_timeout_s": 1.0}
+          "max_images_per_request": 8, "max_request_bytes": 600_000, "decode_threads": 2, "cpus_per_replica": 1,
+          "allow_urls": True, "url_timeout_s": 1.0, "auth_token_env": "MLCLS_TEST_TOKEN"}
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 
@@ -53,19 +58,24 @@ def _b64(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def served(ray_start_2_cpus, tiny_model):
-    """The app on a free port with LIMITS, on the session's Ray."""
+    """The app on a free port with LIMITS, on the session's Ray; its replica's environment holds the token, as a
+    Kubernetes Secret would put it in the pod's."""
     from ray import serve
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    handle = serve.run(srv.build_app({"model_dir": tiny_model, **LIMITS}), name="mlcls", route_prefix="/")
+    settings = srv.ServeSettings.from_args({"model_dir": tiny_model, **LIMITS})
+    options = srv.deployment_options(settings)
+    options["ray_actor_options"]["runtime_env"] = {"env_vars": {LIMITS["auth_token_env"]: TOKEN}}
+    app = srv.MultiLabelClassifier.options(**options).bind(settings)
+    handle = serve.run(app, name="mlcls", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(base=base, url=base + srv.ROUTE, handle=handle, predictor=Predictor(tiny_model))
     serve.shutdown()
 
 
 def _post(url: str, **body) -> requests.Response:
-    return requests.post(url, json=body, timeout=30)
+    return requests.post(url, json=body, headers=AUTH, timeout=30)
 
 
 def _ids(resp: requests.Response) -> list[int]:
@@ -125,7 +135,7 @@ def test_batch_endpoint_labels_each_image_and_reports_each_failure(served):
     ({"images": [_b64(b"x")], "threshold": [0.5]}, 422, "threshold"),
 ])
 def test_batch_endpoint_refuses_bad_requests(served, body, status, words):
-    resp = requests.post(served.url + "/batch", json=body, timeout=30)
+    resp = _post(served.url + "/batch", **body)
     assert resp.status_code == status and resp.json()["errorCode"] == status
     assert words in resp.json()["errorMsg"]
 
@@ -137,7 +147,7 @@ def _png_of_pixels(width: int, height: int) -> bytes:
 
 
 BAD = {
-    "not_json": (b"{not json", 400, "not JSON"),
+    "not_json": (b"{not json", 422, "not JSON"),  # 422 as PaddleX
     "not_an_object": (b"[1, 2]", 422, "JSON object"),
     "missing_image": ({"threshold": 0.5}, 422, '"image"'),
     "image_not_a_string": ({"image": 5}, 422, "must be a string"),
@@ -154,6 +164,10 @@ BAD = {
     "threshold_unknown_class": ({"image": _b64(_jpeg(5)), "threshold": {"default": 0.5, "cat": 0.1}}, 422, "cat"),
     "threshold_out_of_range": ({"image": _b64(_jpeg(5)), "threshold": 1.5}, 422, "[0, 1]"),
     "threshold_wrong_type": ({"image": _b64(_jpeg(5)), "threshold": True}, 422, "threshold true"),
+    "threshold_twice": ({"image": _b64(_jpeg(5)), "threshold": 0.5, "inferenceParams": {"threshold": 0.4}}, 422,
+                        "given twice"),
+    "inference_params_not_an_object": ({"image": _b64(_jpeg(5)), "inferenceParams": [0.5]}, 422, "must be an object"),
+    "visualize_not_a_bool": ({"image": _b64(_jpeg(5)), "visualize": "yes"}, 422, "visualize must be"),
     "other_scheme": ({"image": "file:///etc/passwd"}, 422, "only http and https"),
 }
 
@@ -162,9 +176,9 @@ BAD = {
 def test_bad_input_is_a_4xx_that_says_why_and_the_replica_stays_healthy(served, case):
     body, status, words = BAD[case]
     if isinstance(body, bytes):
-        resp = requests.post(served.url, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+        resp = requests.post(served.url, data=body, headers={"Content-Type": "application/json", **AUTH}, timeout=30)
     else:
-        resp = requests.post(served.url, json=body, timeout=30)
+        resp = _post(served.url, **body)
     assert resp.status_code == status, resp.text
     answer = resp.json()
     assert answer["errorCode"] == status and "result" not in answer
@@ -184,61 +198,72 @@ def test_health(served):
     assert {k: v for k, v in resp.json().items() if k != "logId"} == {"errorCode": 0, "errorMsg": "Healthy"}
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:1/x.jpg", "http://localhost/x.jpg", "http://10.0.0.7/x.jpg",
-                                 "http://169.254.169.254/latest/meta-data", "http://[::1]/x.jpg"])
+def test_a_bearer_token_is_required_except_for_health(served):
+    image = _b64(_jpeg(1))
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": TOKEN},
+                    {"Authorization": f"Basic {TOKEN}"}):
+        for url, body in ((served.url, {"image": image}), (served.url + "/batch", {"images": [image]})):
+            resp = requests.post(url, json=body, headers=headers, timeout=30)
+            assert resp.status_code == 401 and resp.headers["WWW-Authenticate"] == "Bearer", resp.text
+            answer = resp.json()
+            assert answer["errorCode"] == 401 and "bearer token" in answer["errorMsg"] and "result" not in answer
+    assert requests.get(served.base + "/health", timeout=30).status_code == 200  # load balancers probe without it
+    assert _post(served.url, image=image).status_code == 200
+
+
+def test_visualize_returns_the_image_with_its_labels_drawn_as_predict_does(served):
+    data = _jpeg(9, (64, 48))
+    result = _post(served.url, image=_b64(data), threshold=0.0, visualize=True).json()["result"]
+    shown = [f"{c['name']} ({c['score']:.2f})" for c in result["categories"]]
+    drawn = demo_image_jpeg(decode_image(data), shown)
+    assert base64.b64decode(result["image"]) == drawn  # what PaddleX's sample client decodes
+    assert _post(served.url, image=_b64(data), visualize=False).json()["result"]["image"] is None  # the default
+    results = _post(served.url + "/batch", images=[_b64(data), _b64(b"junk")], threshold=0.0,
+                    visualize=True).json()["result"]["results"]
+    assert base64.b64decode(results[0]["image"]) == drawn and "image" not in results[1]
+
+
+def test_paddlex_inference_params_threshold(served):
+    image = _b64(_jpeg(2))
+    assert _ids(_post(served.url, image=image, inferenceParams={"threshold": 1.0})) == []
+    assert sorted(_ids(_post(served.url, image=image, inferenceParams={"threshold": {"default": 1.0, "2": 0.0}}))) \
+        == [2]
+
+
+def test_a_body_over_max_request_bytes_is_refused_before_it_is_read(served):
+    # 1.5 MB declared: within what 8 images of 200 kB need, over Serve.max_request_bytes; only the first bytes are sent
+    head = (f"POST {srv.ROUTE}/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1500000\r\n\r\n")
+    port = int(served.base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + b'{"images": ["' + b"A" * 1000)
+        answer = b""
+        while b"}" not in answer.partition(b"\r\n\r\n")[2]:  # the JSON answer, whole; a timeout fails the test
+            answer += sock.recv(65536)
+    answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert "Serve.max_request_bytes" in answer and "600,000" in answer
+    resp = _post(served.url + "/batch", images=[_b64(os.urandom(150_000))] * 4)  # 800 kB of JSON, sent whole
+    assert resp.status_code == 413 and "Serve.max_request_bytes" in resp.json()["errorMsg"]
+
+
+def test_health_check_runs_a_forward_pass(served, tiny_model):
+    served.handle.check_health.remote().result()  # Serve calls it every 10 s; raising replaces the replica
+    predictor = Predictor(tiny_model)
+    srv.probe(predictor)
+    for p in predictor.model.parameters():  # weights gone bad in memory: the probe, not /health, notices
+        p.data.fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="not 4 finite numbers"):
+        srv.probe(predictor)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/x.jpg", "http://localhost/x.jpg", "http://10.0.0.7/x.jpg",
+                                 "http://169.254.169.254/latest/meta-data", "http://[::1]/x.jpg",
+                                 "http://[2002:a9fe:a9fe::]/latest/meta-data"])
 def test_urls_to_non_public_addresses_are_refused_when_enabled(served, url):
     resp = _post(served.url, image=url)
     assert resp.status_code == 403, resp.text
     assert resp.json()["errorCode"] == 403 and "not a public address" in resp.json()["errorMsg"]
-
-
-@pytest.mark.parametrize("ip", ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0",
-                                "100.64.0.1", "224.0.0.1", "240.0.0.1", "255.255.255.255", "::1", "::", "fe80::1",
-                                "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1"])
-def test_check_address_refuses_non_public(ip):
-    with pytest.raises(srv.RequestError, match="not a public address"):
-        srv.check_address(ip)
-
-
-@pytest.mark.parametrize("ip", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"])
-def test_check_address_lets_public_through(ip):
-    srv.check_address(ip)
-
-
-@pytest.fixture(scope="module")
-def http_server():
-    """A loopback HTTP server for the download half of a fetch (the address check refuses loopback itself)."""
-    payload = _jpeg(7)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/redirect":
-                self.send_response(302)
-                self.send_header("Location", "http://169.254.169.254/")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield SimpleNamespace(port=server.server_address[1], payload=payload)
-    server.shutdown()
-
-
-def test_download_connects_to_the_checked_address_with_a_cap_and_no_redirects(http_server):
-    # the name does not resolve: the connection must go to the address given, not to a new lookup
-    parts = urllib.parse.urlsplit(f"http://image-host.invalid:{http_server.port}/cat.jpg")
-    assert srv._download(parts, "127.0.0.1", http_server.port, 1 << 20, 5.0) == http_server.payload
-    with pytest.raises(srv.RequestError, match="over the limit") as exc:
-        srv._download(parts, "127.0.0.1", http_server.port, 100, 5.0)
-    assert exc.value.status == 413
-    with pytest.raises(srv.RequestError, match="redirects are not followed"):
-        srv._download(parts._replace(path="/redirect"), "127.0.0.1", http_server.port, 1 << 20, 5.0)
 
 
 def test_concurrent_clients_are_batched(served):
@@ -251,9 +276,13 @@ def test_concurrent_clients_are_batched(served):
     with ThreadPoolExecutor(16) as pool:
         codes = [c for codes in pool.map(client, range(16)) for c in codes]
     assert codes == [200] * 64
-    sizes = served.handle.stats.remote().result()["batch_sizes"][seen:]
+    stats = served.handle.stats.remote().result()
+    sizes = stats["batch_sizes"][seen:]
     assert sum(sizes) == 64
     assert max(sizes) > 1 and max(sizes) <= LIMITS["max_batch_size"], sizes
+    # 64 requests at once decoded on the replica's own bounded pool; torch on the CPUs Ray gave it, not the node's
+    assert 1 <= stats["decode_threads"] <= LIMITS["decode_threads"], stats
+    assert stats["cpus"] == LIMITS["cpus_per_replica"] and stats["torch_threads"] == LIMITS["cpus_per_replica"]
 
 
 def test_settings_defaults_are_the_presets():
@@ -261,12 +290,17 @@ def test_settings_defaults_are_the_presets():
     s = srv.settings_from_config(cfg)
     defaults = srv.ServeSettings(model_dir=s.model_dir, device=s.device)
     assert s == defaults
+    # Serve's own limits, not the dataset modes': a 100 KB PNG may not become 270 MB of pixels, 64 times a request
+    assert s.max_image_pixels == 25_000_000 < cfg["Global.max_image_pixels"]
+    assert s.max_request_bytes == 32 << 20 and s.url_ports == (80, 443) and s.auth_token_env is None
 
 
 def test_build_app_args_are_checked():
     with pytest.raises(ValueError) as exc:
-        srv.build_app({"max_batch_size": "many", "batchsize": 4, "allow_urls": "yes", "device": "tpu"})
-    for words in ("model_dir is required", "'batchsize'", "max_batch_size='many'", "allow_urls='yes'", "device='tpu'"):
+        srv.build_app({"max_batch_size": "many", "batchsize": 4, "allow_urls": "yes", "device": "tpu",
+                       "url_ports": "http"})
+    for words in ("model_dir is required", "'batchsize'", "max_batch_size='many'", "allow_urls='yes'", "device='tpu'",
+                  "'http' is not a TCP port"):
         assert words in str(exc.value)
     opts = srv.deployment_options(srv.ServeSettings.from_args({"model_dir": "m", "max_batch_size": "32",
                                                                 "allow_urls": "true", "device": "gpu"}))
