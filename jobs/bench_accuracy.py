@@ -40,7 +40,7 @@ from mlcls_ray.config import load_config  # noqa: E402
 from mlcls_ray.data.digits import generate_digits  # noqa: E402
 from mlcls_ray.data.images import decode_image  # noqa: E402
 from mlcls_ray.data.manifest import Manifest  # noqa: E402
-from mlcls_ray.data.mlcls_format import read_dataset  # noqa: E402
+from mlcls_ray.data.mlcls_format import read_splits  # noqa: E402
 from mlcls_ray.data.problems import ProblemLog  # noqa: E402
 from mlcls_ray.data.synthetic import generate  # noqa: E402
 from mlcls_ray.data.transforms import ModelInput, resize_square  # noqa: E402
@@ -61,8 +61,7 @@ def build_set(name: str, root: Path) -> Path:
 
 def _splits(root: Path) -> tuple[list[str], Manifest, Manifest]:
     with ProblemLog() as problems:
-        names, manifest = read_dataset(str(root), problems)
-    return names, manifest.select(manifest.rows_of("train.txt")), manifest.select(manifest.rows_of("val.txt"))
+        return read_splits(str(root), problems)
 
 
 def _images(root: Path, manifest: Manifest, size: int) -> torch.Tensor:

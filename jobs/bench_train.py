@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mlcls_ray.cli import main as mlcls  # noqa: E402
 from mlcls_ray.config import load_config  # noqa: E402
-from mlcls_ray.data.mlcls_format import read_dataset  # noqa: E402
+from mlcls_ray.data.mlcls_format import read_splits  # noqa: E402
 from mlcls_ray.data.problems import ProblemLog  # noqa: E402
 from mlcls_ray.data.synthetic import generate  # noqa: E402
 from mlcls_ray.models.loss import build_loss  # noqa: E402
@@ -64,8 +64,7 @@ def ray_epochs(args: argparse.Namespace, root: Path, out: Path) -> list[float]:
 def plain_epochs(args: argparse.Namespace, root: Path) -> list[float]:
     cfg = load_config(args.model, [f"Train.image_size={args.image_size}"], check_paths=False)
     with ProblemLog() as problems:
-        names, manifest = read_dataset(str(root), problems)
-    train, val = manifest.select(manifest.rows_of("train.txt")), manifest.select(manifest.rows_of("val.txt"))
+        names, train, val = read_splits(str(root), problems)
     result = plain_train(model_spec(cfg, len(names)), str(root), train, val, epochs=args.epochs,
                          batch_size=args.batch_size * args.workers, lr=1e-4, augment=cfg["Train.augment"] or "none",
                          threads=os.cpu_count())

@@ -33,6 +33,7 @@ __all__ = [
     "parse_label_file",
     "parse_list",
     "read_dataset",
+    "read_splits",
     "unsafe_reason",
 ]
 
@@ -433,3 +434,10 @@ def drop_duplicates(manifest: Manifest, problems: ProblemSink, order: np.ndarray
     keep = np.ones(len(manifest), bool)
     keep[repeats] = False
     return manifest.select(keep)
+
+
+def read_splits(root: str, problems: ProblemSink) -> tuple[list[str] | None, Manifest, Manifest]:
+    """The class names (as :func:`read_dataset`) and the train and val rows of a dataset, repeated paths dropped."""
+    names, manifest = read_dataset(root, problems)
+    manifest = drop_duplicates(manifest, problems)
+    return names, manifest.select(manifest.rows_of("train.txt")), manifest.select(manifest.rows_of("val.txt"))

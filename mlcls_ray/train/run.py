@@ -22,7 +22,7 @@ from ray.train.torch import TorchTrainer
 from mlcls_ray import results, storage
 from mlcls_ray.config import Config, device_count
 from mlcls_ray.data.manifest import Manifest
-from mlcls_ray.data.mlcls_format import LABEL_FILE, drop_duplicates, format_label_file, read_dataset
+from mlcls_ray.data.mlcls_format import LABEL_FILE, format_label_file, read_splits
 from mlcls_ray.data.problems import ProblemLog
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.train.data import train_dataset, val_dataset
@@ -140,11 +140,9 @@ def _resume_source(cfg: Config) -> str | None:
 
 
 def _read_splits(root: str, problems: ProblemLog) -> tuple[list[str], Manifest, Manifest]:
-    names, manifest = read_dataset(root, problems)
+    names, train, val = read_splits(root, problems)
     if names is None:
         raise TrainSetupError(f"{storage.join(root, LABEL_FILE)} is missing or has problems; run check_dataset")
-    manifest = drop_duplicates(manifest, problems)
-    train, val = manifest.select(manifest.rows_of("train.txt")), manifest.select(manifest.rows_of("val.txt"))
     if len(problems):
         print(f"mlcls: the dataset lists have problems; those lines are skipped:\n{problems.summary()}\n"
               "(run -o Global.mode=check_dataset for the full report)", file=sys.stderr)
