@@ -26,7 +26,7 @@ from mlcls_ray.data.mlcls_format import LABEL_FILE, format_label_file, read_spli
 from mlcls_ray.data.problems import ProblemLog
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.train.data import train_dataset, val_dataset
-from mlcls_ray.train.checkpoint import STATE_FILE, check_resumable
+from mlcls_ray.train.checkpoint import STATE_FILE, check_resumable, read_meta
 from mlcls_ray.train.loop import train_fn
 
 __all__ = ["CHECKPOINTS_DIR", "TrainSetupError", "latest_checkpoint", "model_spec", "run_train", "short_of"]
@@ -175,7 +175,8 @@ def _train(cfg: Config, output: str) -> int:
     resume = _resume_source(cfg)
     if resume is not None:
         check_resumable(resume, spec)  # here, before any worker starts and retries
-    done = int(resume.rstrip("/").rsplit("epoch_", 1)[1]) if resume and resume.rstrip("/")[-1].isdigit() else 0
+    meta = read_meta(resume) if resume is not None else None
+    done = meta["epoch"] if meta is not None else 0  # epochs the checkpoint has trained, as it records them
     if done >= cfg["Train.epochs_iters"]:
         raise TrainSetupError(f"Train.resume_path: {resume} has trained {done} epochs and Train.epochs_iters is "
                               f"{cfg['Train.epochs_iters']}; raise Train.epochs_iters to train on")
