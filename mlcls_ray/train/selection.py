@@ -19,22 +19,18 @@ __all__ = ["best_on_disk", "select_best"]
 _WEIGHTS = ("raw", "ema")
 
 
-def _map(logits: np.ndarray, labels: np.ndarray) -> float:
-    return mean_average_precision(logits, labels) if np.isfinite(logits).all() else float("nan")
-
-
 def select_best(config: dict, spec: ModelSpec, record: dict, logits: list[np.ndarray], labels: np.ndarray,
                 models: list[torch.nn.Module], best: dict | None, log: RunLog) -> dict | None:
     """Score raw (and EMA) weights on the whole val set into ``record``; write ``best_model/`` when the better one
     beats ``best``. Returns the best so far."""
-    maps = [_map(lg, labels) for lg in logits]
+    bad = [int((~np.isfinite(lg)).any(axis=1).sum()) for lg in logits]  # val images with a NaN or inf score
+    maps = [float("nan") if n else mean_average_precision(lg, labels) for lg, n in zip(logits, bad)]
     for which, value in zip(_WEIGHTS, maps):
         record[f"map_{which}"] = value
     epoch = record["epoch"]
-    for which, lg, value in zip(_WEIGHTS, logits, maps):
-        if np.isnan(value):
-            bad = int((~np.isfinite(lg)).any(axis=1).sum())
-            log(f"[Eval][Epoch {epoch}] DIVERGED: the {which} weights give NaN or inf scores for {bad:,} of "
+    for which, lg, n in zip(_WEIGHTS, logits, bad):
+        if n:
+            log(f"[Eval][Epoch {epoch}] DIVERGED: the {which} weights give NaN or inf scores for {n:,} of "
                 f"{len(lg):,} val images; they are not a candidate for best_model (lower Train.learning_rate, or "
                 "try -o Train.precision=fp32)")
     if all(np.isnan(maps)):
