@@ -330,6 +330,18 @@ def test_rayservice_gpu_group_can_hold_every_replica():
     assert sum(g["minReplicas"] * _gpus(g["template"]["spec"]) for g in groups) >= floor
 
 
+def test_rayservice_replicas_read_the_bearer_token_from_a_secret():
+    """The endpoint listens on every interface: its app requires a token, and every pod that runs replicas gets the
+    variable auth_token_env names from a Secret, never as a value written in the manifest."""
+    doc = _kind("RayService")["kuberay-rayservice.yaml"]
+    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    name = app["args"]["auth_token_env"]
+    for group in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        for c in group["template"]["spec"]["containers"]:
+            (env,) = [e for e in c.get("env", []) if e["name"] == name]
+            assert set(env) == {"name", "valueFrom"} and "secretKeyRef" in env["valueFrom"], (group["groupName"], env)
+
+
 # --- AWS launcher --------------------------------------------------------------------------------------------
 
 def _launcher_validate(config: dict) -> dict:
