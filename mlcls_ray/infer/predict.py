@@ -14,33 +14,19 @@ import posixpath
 import sys
 from collections import Counter
 
-import torch
-
 from mlcls_ray import results, storage
 from mlcls_ray.config import Config
 from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.pipeline import fetch_files
 from mlcls_ray.data.report import demo_image_jpeg
+from mlcls_ray.devices import torch_device
 from mlcls_ray.infer.inputs import iter_inputs
 from mlcls_ray.infer.predictor import Predictor
 
-__all__ = ["PREDICT_DIR", "PREDICT_RESULT", "PredictSetupError", "result_name", "run_predict"]
+__all__ = ["PREDICT_DIR", "PREDICT_RESULT", "result_name", "run_predict"]
 
 PREDICT_DIR = "predict"
 PREDICT_RESULT = "predict_result.json"
-
-
-class PredictSetupError(ValueError):
-    """Prediction cannot start as configured; the message says what to change."""
-
-
-def _torch_device(device: str) -> str:
-    """``Global.device`` -> a torch device: ``gpu:1,2`` means its first GPU, ``cuda:1``."""
-    if not device.startswith("gpu"):
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise PredictSetupError(f"Global.device={device}, but torch sees no CUDA device here; use -o Global.device=cpu")
-    return f"cuda:{device.split(':', 1)[1].split(',')[0]}" if ":" in device else "cuda"
 
 
 def result_name(uri: str, where: str) -> str:
@@ -69,7 +55,7 @@ def run_predict(cfg: Config) -> int:
 def _predict(cfg: Config, output: str) -> int:
     model = storage.absolute(cfg["Predict.model_dir"] or storage.join(output, "best_model"))
     max_pixels = cfg["Global.max_image_pixels"]
-    predictor = Predictor(model, _torch_device(cfg["Global.device"]), max_pixels=max_pixels,
+    predictor = Predictor(model, torch_device(cfg["Global.device"]), max_pixels=max_pixels,
                           threshold=cfg["Predict.threshold"])
     out = storage.join(output, PREDICT_DIR)
     images, failed = 0, Counter()

@@ -24,12 +24,13 @@ from mlcls_ray.config import Config, device_count
 from mlcls_ray.data.manifest import Manifest
 from mlcls_ray.data.mlcls_format import LABEL_FILE, format_label_file, read_splits
 from mlcls_ray.data.problems import ProblemLog
+from mlcls_ray.devices import short_of
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.train.data import train_dataset, val_dataset
 from mlcls_ray.train.checkpoint import STATE_FILE, check_resumable, read_meta
 from mlcls_ray.train.loop import train_fn
 
-__all__ = ["CHECKPOINTS_DIR", "TrainSetupError", "latest_checkpoint", "model_spec", "run_train", "short_of"]
+__all__ = ["CHECKPOINTS_DIR", "TrainSetupError", "latest_checkpoint", "model_spec", "run_train"]
 
 CHECKPOINTS_DIR = "checkpoints"
 _KEEP_CHECKPOINTS = 5  # PaddleX's last_1..last_5
@@ -47,14 +48,6 @@ def model_spec(cfg: Config, num_classes: int) -> ModelSpec:
         image_size=cfg["Train.image_size"], num_queries=cfg["Arch.num_queries"], embed_dim=cfg["Arch.embed_dim"],
         num_layers=cfg["Arch.num_layers"], num_heads=cfg["Arch.num_heads"], ffn_dim=cfg["Arch.ffn_dim"],
         dropout=cfg["Arch.dropout"])
-
-
-def short_of(message: str, fix: str, kind: str) -> None:
-    """The cluster lacks what the run asks for: an embedded local Ray never grows, so stop; a cluster may
-    autoscale, so say what it waits for."""
-    if not os.environ.get("RAY_ADDRESS"):
-        raise TrainSetupError(f"{message}; {fix}")
-    print(f"mlcls: {message}; {fix}; waiting for the autoscaler to add {kind} nodes", file=sys.stderr)
 
 
 def _scaling(cfg: Config) -> tuple[ScalingConfig, int]:
