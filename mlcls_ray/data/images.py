@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "FORMATS", "MAX_PIXELS_CEILING", "ImageDecodeError", "decode_image", "decode_jpegs",
-           "device_decodable"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEFAULT_MAX_PIXELS", "DEVICE_BATCH_PIXELS", "FORMATS", "MAX_PIXELS_CEILING", "ImageDecodeError",
+           "decode_image", "decode_jpegs", "device_decodable"]
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold: ~ 9459 x 9459
 MAX_PIXELS_CEILING = 2 * DEFAULT_MAX_PIXELS  # Pillow refuses larger images itself; no limit can go above it
+DEVICE_BATCH_PIXELS = 1 << 26  # full-resolution pixels a device decodes at once: 67 MP, 200 MB of RGB
 _ORIENTATION = 0x0112  # EXIF tag
 # Raster formats a labelling dataset holds. Pillow's other openers (EPS through Ghostscript, PSD, FITS, ...) are
 # never handed a user's file: a ".jpg" that is really PostScript must not reach an interpreter.
@@ -95,36 +101,74 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             from None
 
 
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """A clean JPEG header's ``(width, height)`` if a device decoder may take the file: RGB or greyscale, no EXIF
+    rotation; None for anything else. Only the header is read."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=("JPEG",))
+        if img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(_ORIENTATION, 1) == 1:
+            return img.size
+    except Exception:  # noqa: BLE001 - not a clean JPEG header: the CPU decoder will say what it is
+        pass
+    return None
+
+
 def device_decodable(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
     """Whether a file may skip :func:`decode_image` for a device JPEG decoder: a JPEG in RGB or greyscale, with no
     EXIF rotation, within the pixel limit. Only the header is read. Anything else, including every file that
     :func:`decode_image` would refuse, goes through :func:`decode_image`, so the limits and errors stay its own."""
-    try:
-        img = Image.open(io.BytesIO(data), formats=("JPEG",))
-        width, height = img.size
-        return (img.format == "JPEG" and img.mode in ("RGB", "L") and width * height <= max_pixels
-                and img.getexif().get(_ORIENTATION, 1) == 1)
-    except Exception:  # noqa: BLE001 - not a clean JPEG header: the CPU decoder will say what it is
-        return False
+    size = _jpeg_size(data)
+    return size is not None and size[0] * size[1] <= max_pixels
 
 
-def decode_jpegs(datas: list[bytes], device: str) -> list:
-    """Decode JPEGs that passed :func:`device_decodable` on ``device`` (nvJPEG on ``cuda``), in one batch.
+def decode_jpegs(datas: Sequence[bytes], device: str, resize: Callable[[torch.Tensor], torch.Tensor],
+                 batch_pixels: int = DEVICE_BATCH_PIXELS) -> list[torch.Tensor | None]:
+    """Decode JPEGs that passed :func:`device_decodable` on ``device`` (nvJPEG on ``cuda``), a batch at a time, and
+    shrink each with ``resize`` before the next batch is decoded.
 
-    Returns one ``[H, W, 3]`` uint8 tensor on ``device`` per file, or None where the device decoder failed (a
-    corrupt body behind a good header): the caller decodes those with :func:`decode_image`, which names the error.
+    A batch holds at most ``batch_pixels`` full-resolution pixels (an image over that goes alone), so the device never
+    holds more than one batch at full resolution: 32 photos of 89 MP would be 8 GB at once.
+
+    Args:
+        datas: the files' bytes.
+        device: a torch device.
+        resize: ``[H, W, 3]`` uint8 on ``device`` -> what to keep, e.g. the model's square.
+        batch_pixels: full-resolution pixels decoded together at most.
+
+    Returns:
+        One ``resize`` result per file, or None where the device did not decode it: a corrupt body behind a good
+        header, or the device out of memory (then the whole batch). The caller decodes those with
+        :func:`decode_image` on the CPU, which names any error.
     """
+    out: list[torch.Tensor | None] = []
+    batch: list[bytes] = []
+    pixels = 0
+    for data in datas:
+        width, height = _jpeg_size(data) or (0, 0)
+        if batch and pixels + width * height > batch_pixels:
+            out += _decode_batch(batch, device, resize)
+            batch, pixels = [], 0
+        batch.append(data)
+        pixels += width * height
+    return out + (_decode_batch(batch, device, resize) if batch else [])
+
+
+def _decode_batch(datas: list[bytes], device: str, resize: Callable[[torch.Tensor], torch.Tensor]) -> list:
+    """One batch of :func:`decode_jpegs`; the full-resolution images are freed when it returns."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
-        decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        return [resize(img.permute(1, 2, 0)) for img in decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)]
+    except torch.OutOfMemoryError:
+        return [None] * len(datas)  # the CPU decodes this batch; the allocator has already let go of its cache
     except Exception:  # noqa: BLE001 - one bad file fails the batch; find it one by one
-        decoded = []
-        for t in tensors:
-            try:
-                decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
-            except Exception:  # noqa: BLE001
-                decoded.append(None)
-    return [None if img is None else img.permute(1, 2, 0) for img in decoded]  # [3, H, W] -> [H, W, 3]
+        pass
+    out = []
+    for t in tensors:
+        try:
+            out.append(resize(decode_jpeg(t, mode=ImageReadMode.RGB, device=device).permute(1, 2, 0)))
+        except Exception:  # noqa: BLE001 - out of memory too: the CPU decodes it
+            out.append(None)
+    return out

@@ -3,8 +3,8 @@
 Preprocessing is the folder's own (``inference.yml``): the one decoder, a squish resize to the folder's size on CPU
 (:func:`~mlcls_ray.data.transforms.resize_square`), then scaling and normalisation on the model's device
 (:class:`~mlcls_ray.data.transforms.ModelInput`), the same functions training validated with. On a GPU, plain
-JPEGs may instead be decoded and resized on the device (:meth:`Predictor.score_encoded`); every other file, and any
-that the device decoder fails on, takes the CPU path.
+JPEGs may instead be decoded and resized on the device (:meth:`Predictor.squares`); every other file, any that the
+device decoder fails on, and a batch it has no memory for take the CPU path.
 """
 
 from __future__ import annotations
@@ -106,30 +106,47 @@ class Predictor:
         """Decoded images -> ``[B, C]`` float32 probabilities."""
         return self.probabilities(self.preprocess(images))
 
-    def score_encoded(self, files: Sequence[bytes]) -> tuple[np.ndarray, list[ImageDecodeError | None]]:
-        """Image files' bytes -> ``[B, C]`` float32 probabilities (zeros where a file failed) and each file's error.
+    def squares(self, files: Sequence[bytes | np.ndarray]) -> tuple[torch.Tensor, list[ImageDecodeError | None]]:
+        """Image files' bytes -> ``[B, S, S, 3]`` uint8 on the model's device (zeros where a file failed) and each
+        file's error: what :meth:`score_encoded` feeds the model.
 
-        With device decoding on, plain JPEGs are decoded and resized on the GPU in one batch; the rest go
-        through :meth:`decode`.
+        An item may also be an ``[S, S, 3]`` uint8 square a CPU task already decoded (label routes every file that is
+        not a plain JPEG so). With device decoding on, plain JPEGs are decoded and resized on the device
+        (:func:`~mlcls_ray.data.images.decode_jpegs`, a bounded batch at a time); the rest, and a batch the device
+        had no memory for, go through :meth:`decode`.
         """
-        size, c = self.image_size, len(self.label_names)
+        size = self.image_size
         errors: list[ImageDecodeError | None] = [None] * len(files)
         squares: list[torch.Tensor | None] = [None] * len(files)
-        on_device = [i for i, f in enumerate(files) if self.device_decode and device_decodable(f, self.max_pixels)]
-        for i, img in zip(on_device, decode_jpegs([files[i] for i in on_device], str(self.device)) if on_device
-                          else []):
-            if img is not None:
-                squares[i] = resize_square_on_device(img, size)
+        for i, f in enumerate(files):
+            if isinstance(f, np.ndarray):
+                squares[i] = torch.tensor(f, device=self.device)  # a copy: Ray Data's arrays are read-only
+        on_device = [i for i, f in enumerate(files) if squares[i] is None and self.device_decode
+                     and device_decodable(f, self.max_pixels)]
+        if on_device:
+            decoded = decode_jpegs([files[i] for i in on_device], str(self.device),
+                                   lambda img: resize_square_on_device(img, size))
+            for i, square in zip(on_device, decoded):
+                squares[i] = square
         for i, f in enumerate(files):
             if squares[i] is None:
                 try:
                     squares[i] = torch.tensor(self.decode(f), device=self.device)  # PIL arrays are read-only
                 except ImageDecodeError as exc:
                     errors[i] = exc
-        good = [i for i in range(len(files)) if errors[i] is None]
-        probs = np.zeros((len(files), c), np.float32)
+                    squares[i] = torch.zeros((size, size, 3), dtype=torch.uint8, device=self.device)
+        if not files:
+            return torch.zeros((0, size, size, 3), dtype=torch.uint8, device=self.device), errors
+        return torch.stack(squares), errors
+
+    def score_encoded(self, files: Sequence[bytes | np.ndarray]) -> tuple[np.ndarray, list[ImageDecodeError | None]]:
+        """Image files' bytes (or decoded squares, see :meth:`squares`) -> ``[B, C]`` float32 probabilities (zeros
+        where a file failed) and each file's error."""
+        squares, errors = self.squares(files)
+        good = [i for i, e in enumerate(errors) if e is None]
+        probs = np.zeros((len(files), len(self.label_names)), np.float32)
         if good:
-            probs[good] = _sigmoid(self._forward(torch.stack([squares[i] for i in good])))
+            probs[good] = _sigmoid(self._forward(squares[good]))
         return probs, errors
 
     def thresholds_for(self, threshold: thr.Threshold | None) -> np.ndarray:

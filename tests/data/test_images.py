@@ -6,12 +6,14 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from mlcls_ray.data.images import MAX_PIXELS_CEILING, ImageDecodeError, decode_image
+from mlcls_ray.data.images import MAX_PIXELS_CEILING, ImageDecodeError, decode_image, decode_jpegs
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -151,3 +153,23 @@ def test_a_postscript_file_named_jpg_never_reaches_an_interpreter():
     with pytest.raises(ImageDecodeError) as err:
         decode_image(eps)
     assert err.value.kind == "not_an_image" and "unaccepted format" in err.value.reason
+
+
+def test_device_decode_holds_one_batch_at_full_resolution():
+    """decode_jpegs (the CPU decoder stands in for nvJPEG) shrinks each batch's images before it decodes the next, so
+    a batch of large photos never sits on the device at full resolution at once; the results do not depend on it."""
+    rng = np.random.default_rng(0)
+    files = [encode(Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)), "JPEG") for _ in range(5)]
+    alive_at_each_call = []
+    full_res: list[weakref.ref] = []
+
+    def shrink(img: torch.Tensor) -> torch.Tensor:  # [H, W, 3], a view of the decoder's [3, H, W] output
+        alive_at_each_call.append(sum(r() is not None for r in full_res))
+        full_res.append(weakref.ref(img._base))
+        return img[::10, ::10].clone()
+
+    small = decode_jpegs(files, "cpu", shrink, batch_pixels=2 * 60 * 80)  # two images a batch
+    assert alive_at_each_call == [0, 1, 0, 1, 0]
+    one_batch = decode_jpegs(files, "cpu", lambda img: img[::10, ::10].clone())
+    assert all(torch.equal(a, b) for a, b in zip(small, one_batch))
+    assert all(torch.equal(a, torch.tensor(decode_image(f)[::10, ::10])) for a, f in zip(small, files))
