@@ -125,8 +125,8 @@ SCHEMA: dict[str, Key] = {
                        nullable=True),
     "Label.output": Key(str, f"where the Parquet labels go, {_PATH}; null = <Global.output>/labels", nullable=True),
     "Label.batch_size": Key(int, "images per inference batch", min=1),
-    "Label.concurrency": Key(int, "inference actors; null = one per GPU of Global.device, 1 on cpu", nullable=True,
-                             min=1),
+    "Label.concurrency": Key(int, "inference actors; null = one per GPU (gpu:0,1 is 2; plain gpu every GPU the "
+                             "cluster has and gains, which a number caps), 1 on cpu", nullable=True, min=1),
     "Label.threshold": Key(object, _THRESHOLD, nullable=True, parse=thresholds.parse),
     "Label.shard_size": Key(int, "images per input shard: the unit of output files and of resuming", min=1),
     "Serve.model_dir": Key(str, f"model folder, {_PATH}; null = <Global.output>/best_model", nullable=True),

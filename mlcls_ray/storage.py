@@ -4,7 +4,8 @@ Every path a user gives goes through :func:`resolve`. S3 honours the standard AW
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``/``AWS_DEFAULT_REGION``,
 ``AWS_PROFILE``) and ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` for MinIO, Ceph and other S3-compatible servers.
 Without a region variable, a bucket's own region is asked for once, so buckets outside us-east-1 work too.
-The filesystems are picklable, so Ray tasks get the driver's resolved settings.
+The filesystems are picklable, so Ray tasks get the driver's resolved endpoint and region; never its credentials:
+every process, each Ray worker included, takes those from its own AWS credential chain.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pyarrow.fs as pafs
 
 __all__ = [
     "StorageError",
-    "aws_env",
+    "aws_settings",
     "backup",
     "create_new",
     "delete",
@@ -51,6 +52,7 @@ __all__ = [
 _S3_SCHEMES = ("s3://", "s3a://")
 _UMASK = os.umask(0o022)  # reading the umask means setting it; put it straight back
 os.umask(_UMASK)
+_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")  # not secrets
 _ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
@@ -95,19 +97,16 @@ def _s3_filesystem(bucket: str, env: tuple) -> pafs.S3FileSystem:
     region = values["AWS_REGION"] or values["AWS_DEFAULT_REGION"] or _bucket_region(bucket, env)
     if region:
         kwargs["region"] = region
-    # Explicit keys travel with the pickled filesystem, so Ray workers on other nodes need no env of their own.
-    if values["AWS_ACCESS_KEY_ID"] and values["AWS_SECRET_ACCESS_KEY"]:
-        kwargs["access_key"] = values["AWS_ACCESS_KEY_ID"]
-        kwargs["secret_key"] = values["AWS_SECRET_ACCESS_KEY"]
-        if values["AWS_SESSION_TOKEN"]:
-            kwargs["session_token"] = values["AWS_SESSION_TOKEN"]
+    # No keys: each process, a Ray worker on another node too, asks the AWS credential chain of its own (variables,
+    # profile, IRSA, instance profile), which renews session tokens; pickled filesystems carry no secret.
     return pafs.S3FileSystem(**kwargs)
 
 
-def aws_env() -> dict[str, str]:
-    """The driver's ``AWS_*`` variables, for Ray tasks that resolve URIs themselves (``runtime_env``): a worker
-    started before the driver set them, or on another node, must reach the same endpoint with the same keys."""
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+def aws_settings() -> dict[str, str]:
+    """The driver's non-secret S3 settings (endpoint and region variables), for the ``runtime_env`` of Ray tasks that
+    resolve URIs themselves, so they reach the same server. Credentials are never among them: a runtime_env is shown
+    on the dashboard and frozen at submission, so workers take theirs from their own node's chain."""
+    return {k: os.environ[k] for k in _SETTINGS if os.environ.get(k)}
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:

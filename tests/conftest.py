@@ -1,4 +1,7 @@
-"""Shared fixtures: one local Ray per session and a real S3-compatible server (moto) on 127.0.0.1."""
+"""Shared fixtures: one local Ray per session and a real S3-compatible server (moto) on 127.0.0.1.
+
+Ray starts after the S3 variables are set, so its workers inherit them, as the workers of a cluster whose nodes were
+started with credentials in their environment: the code under test never hands a worker a secret."""
 
 from __future__ import annotations
 
@@ -12,14 +15,13 @@ from tests.helpers import free_port
 
 
 @pytest.fixture(scope="session")
-def ray_start_2_cpus():
+def ray_start_2_cpus(s3_server):
     import ray
 
     # the dashboard serves the state API, which Ray Train's placement-group cleaner polls
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
     yield
     ray.shutdown()
-
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Storage: the same calls on local disk and on a real S3-compatible server; atomic writes; numbered backups."""
 
 import os
+import pickle
 
 import pytest
 
@@ -125,3 +126,17 @@ def test_replacing_swaps_every_file_or_none(root, monkeypatch):
             storage.write_text(staged[t], ("old " if t.endswith("label.txt") else "new ") + t)
     assert [storage.read_text(t) for t in targets] == ["old " + targets[0], "new " + targets[1], "new " + targets[2]]
     assert storage.list_files(root) == ["label.txt", "train.txt", "train.txt.bak", "val.txt", "val.txt.bak"]
+
+
+def test_no_credential_leaves_the_process(s3_bucket, monkeypatch):
+    """What Ray hands its tasks, a pickled filesystem and label's runtime_env settings, holds the endpoint but no
+    credential: each worker takes its own from its node's chain, which renews session tokens."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sec-71b2e0")  # moto takes any key
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "tok-3f9a1c")
+    fs, path = storage.resolve(f"{s3_bucket}/x.txt")
+    shipped = pickle.dumps(fs)
+    assert b"sec-71b2e0" not in shipped and b"tok-3f9a1c" not in shipped
+    assert os.environ["AWS_ENDPOINT_URL"].split("//")[1].encode() in shipped
+    assert storage.aws_settings() == {"AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "AWS_REGION": "us-east-1"}
+    storage.write_text(f"{s3_bucket}/x.txt", "written with the process's own chain")
+    assert pickle.loads(shipped).open_input_stream(path).read() == b"written with the process's own chain"

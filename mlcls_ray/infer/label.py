@@ -28,7 +28,7 @@ import torch
 
 from mlcls_ray import model_dir, results, storage
 from mlcls_ray.config import Config
-from mlcls_ray.data.images import ImageDecodeError
+from mlcls_ray.data.images import ImageDecodeError, device_decodable
 from mlcls_ray.data.pipeline import fetch_files
 from mlcls_ray.infer import label_output as out
 from mlcls_ray.infer import thresholds
@@ -45,32 +45,45 @@ _TASK_ROWS = 4 * _LOAD_BATCH  # images per decoding task: 77 MB of 448 px square
 _WRITE_ROWS = 4096  # rows per part file at most (or a shard's size): few files, and progress kept often
 
 
-def _load(batch: dict[str, np.ndarray], size: int, decode: bool, max_pixels: int, max_file_bytes: int
+def _load(batch: dict[str, np.ndarray], size: int, device_decode: bool, max_pixels: int, max_file_bytes: int
           ) -> dict[str, np.ndarray]:
-    """Read each file; on CPU also decode and squish-resize it (the Predictor's CPU half)."""
+    """Read each file, then decode and squish-resize it (the Predictor's CPU half) into ``image``.
+
+    With ``device_decode`` (on a GPU) the rows carry ``data`` instead: a plain JPEG's bytes, judged by its header, for
+    the GPU to decode, or, for every other file (PNG, WebP, CMYK, EXIF-rotated, ...), its square decoded here, as raw
+    bytes, marked in ``square``: the one GPU actor never decodes with PIL, and no row ships an empty square.
+    """
     n = len(batch["path"])
     kinds, reasons = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
-    images = np.zeros((n, size, size, 3), np.uint8) if decode else np.full(n, b"", dtype=object)
+    images = np.full(n, b"", dtype=object) if device_decode else np.zeros((n, size, size, 3), np.uint8)
+    square = np.zeros(n, bool)  # device_decode: ``data`` holds a decoded square, not a file
     for i, (data, kind, reason) in enumerate(fetch_files(batch["path"], max_file_bytes)):
         if kind:
             kinds[i], reasons[i] = kind, reason
-        elif not decode:
+        elif device_decode and device_decodable(data, max_pixels):
             images[i] = data
         else:
             try:
-                images[i] = decode_square(data, size, max_pixels)
+                decoded = decode_square(data, size, max_pixels)  # [S, S, 3] uint8
             except ImageDecodeError as exc:
                 kinds[i], reasons[i] = exc.kind, exc.reason
-    return {"shard": batch["shard"], "path": batch["path"], "image" if decode else "data": images,
-            "error_kind": kinds, "error": reasons}
+                continue
+            if device_decode:
+                images[i], square[i] = decoded.tobytes(), True
+            else:
+                images[i] = decoded
+    columns = {"data": images, "square": square} if device_decode else {"image": images}
+    return {"shard": batch["shard"], "path": batch["path"], **columns, "error_kind": kinds, "error": reasons}
 
 
 class _Labeler:
-    """Ray Data actor: rows of images (or file bytes, decoded on the GPU) -> label rows, through the Predictor."""
+    """Ray Data actor: rows of decoded squares (on a GPU also JPEG files, decoded there) -> label rows, through the
+    Predictor."""
 
-    def __init__(self, model: str, device: str, threads: int, threshold, max_pixels: int):
+    def __init__(self, model: str, device: str, threads: int, threshold, max_pixels: int, device_decode: bool):
         torch.set_num_threads(threads)
-        self.predictor = Predictor(model, device, max_pixels=max_pixels, threshold=threshold)
+        self.predictor = Predictor(model, device, max_pixels=max_pixels, threshold=threshold,
+                                   device_decode=device_decode)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         kinds, reasons = batch["error_kind"].copy(), batch["error"].copy()
@@ -79,7 +92,10 @@ class _Labeler:
         if "image" in batch and len(good):
             probs[good] = self.predictor.probabilities(batch["image"][good])
         elif len(good):
-            probs[good], errors = self.predictor.score_encoded(list(batch["data"][good]))
+            s = self.predictor.image_size
+            items = [np.frombuffer(d, np.uint8).reshape(s, s, 3) if sq else d
+                     for d, sq in zip(batch["data"][good], batch["square"][good])]
+            probs[good], errors = self.predictor.score_encoded(items)
             for i, exc in zip(good, errors):
                 if exc is not None:
                     kinds[i], reasons[i] = exc.kind, exc.reason
@@ -190,13 +206,14 @@ def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, pl
     gpu = cfg["Global.device"].startswith("gpu")
     actors = inference_actors(cfg["Global.device"], cfg["Label.concurrency"])
     kwargs = actors.pop("fn_constructor_kwargs")
-    env = {"env_vars": storage.aws_env()}  # tasks resolve the image and output URIs themselves
+    # tasks resolve the image and output URIs themselves, with their own node's credentials
+    env = {"env_vars": storage.aws_settings()}
     labeled = rows.map_batches(
-        _load, fn_kwargs={"size": size, "decode": not gpu, "max_pixels": cfg["Global.max_image_pixels"],
+        _load, fn_kwargs={"size": size, "device_decode": gpu, "max_pixels": cfg["Global.max_image_pixels"],
                           "max_file_bytes": cfg["Global.max_file_bytes"]},
         batch_size=_LOAD_BATCH, batch_format="numpy", num_cpus=0.5, runtime_env=env,  # unfused from the actors
     ).map_batches(
-        _Labeler, fn_constructor_kwargs={"model": model, "threshold": threshold,
+        _Labeler, fn_constructor_kwargs={"model": model, "threshold": threshold, "device_decode": gpu,
                                          "max_pixels": cfg["Global.max_image_pixels"], **kwargs},
         batch_size=cfg["Label.batch_size"], batch_format="numpy", **actors,
     ).map_batches(_write_parts, fn_kwargs={"output": output}, batch_size=min(_WRITE_ROWS, plan["shard_size"]),
