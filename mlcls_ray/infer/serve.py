@@ -410,12 +410,13 @@ class MultiLabelClassifier:
                     raise error
             else:
                 probs, _ = await self._score(await self._on(self._decodes, self._decode, data))
+            res = self.predictor.labels(probs[None], thresholds)[0]
+            drawn = (await self._on(self._decodes, _drawn, data, res, self.settings.max_image_pixels) if visualize
+                     else None)  # on a GPU the CPU decoder first meets the file here
         except ImageDecodeError as exc:
             raise RequestError(422, exc.kind, f"image: {exc.reason}") from None
         self._images += 1
         self._image_metric.inc()
-        res = self.predictor.labels(probs[None], thresholds)[0]
-        drawn = await self._on(self._decodes, _drawn, data, res, self.settings.max_image_pixels) if visualize else None
         return {"categories": [{"id": i, "name": n, "score": p}
                                for i, n, p in zip(res["class_ids"], res["label_names"], res["scores"])],
                 "image": drawn}
