@@ -6,7 +6,7 @@ store); evaluation and labeling feed batches to an actor pool.
 
 Resources are honest: each task reserves one CPU and decodes on one thread. Other threads only wait on storage
 (a bounded read-ahead), so a Ray Train job sharing the cluster gets the CPUs it was promised. A bad file never fails
-the job; it becomes a row with ``error_kind`` and ``error_reason``.
+the job; it becomes a row with ``error_kind`` and ``error_reason``, whatever the failure.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -54,19 +54,31 @@ def _read_ahead(fn: Callable, items: Iterable) -> Iterator:
         yield pending.popleft().result()
 
 
+def _open(fs: pafs.FileSystem, path: str) -> tuple[BinaryIO | pa.NativeFile, int]:
+    """An open file and its size. Local files go through the OS: pyarrow's local filesystem refuses names that are
+    not UTF-8, and a local name may be any bytes (they arrive here surrogate-escaped, as ``os.fsdecode`` gives them)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        f = open(path, "rb")  # closed by the caller
+        return f, os.fstat(f.fileno()).st_size
+    f = fs.open_input_file(path)
+    return f, f.size()
+
+
 def _read_file(fs: pafs.FileSystem, path: str, max_file_bytes: int) -> tuple[bytes | None, str, str]:
-    """-> (data, error kind, reason); the kind is "" when the file was read."""
+    """-> (data, error kind, reason); the kind is "" when the file was read. No failure of one file escapes: a key
+    pyarrow cannot address (``//`` or a leading ``/`` in an S3 key raises ``ArrowInvalid``), a folder, a storage
+    error, each becomes that file's error, so one odd key never fails a job (and every rerun of it)."""
     try:
-        with fs.open_input_file(path) as f:
-            size = f.size()
+        f, size = _open(fs, path)
+        with f:
             if size > max_file_bytes:
                 return None, "file_too_large", (f"{size:,} bytes, over the limit of {max_file_bytes:,} "
                                                 "(raise Global.max_file_bytes)")
             return f.read(), "", ""
     except FileNotFoundError:
         return None, "missing_image", "image file not found"
-    except OSError as exc:  # a folder where the image should be, permissions, a storage error
-        return None, "unreadable_file", f"cannot read ({exc})"
+    except Exception as exc:  # a folder where the image should be, permissions, a storage error, an unaddressable key
+        return None, "unreadable_file", f"cannot read ({type(exc).__name__}: {exc})"
 
 
 def _read(fs: pafs.FileSystem, root: str, real_root: str | None, max_file_bytes: int, rel: str
@@ -77,18 +89,21 @@ def _read(fs: pafs.FileSystem, root: str, real_root: str | None, max_file_bytes:
     return _read_file(fs, full, max_file_bytes)
 
 
-def _read_uri(max_file_bytes: int, uri: str) -> tuple[bytes | None, str, str]:
+def _read_uri(max_file_bytes: int, uri: str | bytes) -> tuple[bytes | None, str, str]:
     try:
-        fs, path = storage.resolve(uri)
-    except storage.StorageError as exc:
+        fs, path = storage.resolve(os.fsdecode(uri))
+    except Exception as exc:  # a bad scheme, an S3 URI without a bucket
         return None, "unreadable_file", str(exc)
     return _read_file(fs, path, max_file_bytes)
 
 
-def fetch_files(uris: Iterable[str], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+def fetch_files(uris: Iterable[str | bytes], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
                 ) -> Iterator[tuple[bytes | None, str, str]]:
     """``(data, error kind, reason)`` of each file (full URIs, any filesystem), in order, with the same read-ahead
-    and size limit as :func:`read_images`; the kind is "" when the file was read."""
+    and size limit as :func:`read_images`; the kind is "" when the file was read, and no file's failure raises.
+
+    A URI may be ``bytes`` (a local name that is not UTF-8, exactly as the OS gave it); ``os.fsdecode`` turns it
+    into the surrogate-escaped ``str`` Python's file functions take."""
     return _read_ahead(functools.partial(_read_uri, max_file_bytes), uris)
 
 

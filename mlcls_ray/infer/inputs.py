@@ -2,7 +2,9 @@
 
 A folder or ``s3://`` prefix is walked recursively for image extensions; a list file (``.txt``/``.lst``) holds one
 URI per line, relative ones resolved against the list's folder, so PaddleX's ``train.txt``/``val.txt`` (a path, a
-tab, labels) can be labeled as they are. Nothing is collected: 100M URIs stream through in constant memory.
+tab, labels) can be labeled as they are. URIs are ``str``; a local name that is not UTF-8 is surrogate-escaped
+(``os.fsdecode``), as ``os.scandir`` gives it, and ``os.fsencode`` gives its bytes back. Nothing is collected:
+100M URIs stream through in constant memory.
 """
 
 from __future__ import annotations
@@ -13,16 +15,23 @@ from collections.abc import Iterator
 
 from mlcls_ray import storage
 
-__all__ = ["IMAGE_EXTENSIONS", "LIST_EXTENSIONS", "InputError", "input_kind", "iter_inputs"]
+__all__ = ["IMAGE_EXTENSIONS", "LIST_EXTENSIONS", "InputError", "input_kind", "iter_inputs", "printable"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".tga", ".jp2",
                     ".avif", ".qoi")
 LIST_EXTENSIONS = (".txt", ".lst")
 _LINE_CHUNK = 1 << 20  # bytes of a list file read at a time
+_BOM = b"\xef\xbb\xbf"
 
 
 class InputError(ValueError):
     """The input is missing or of no kind we read; the message says what is accepted."""
+
+
+def printable(uri: str | bytes) -> str:
+    """A URI as UTF-8 text, for results and Parquet: itself when it is UTF-8; a local name's bytes that are not
+    are written ``\\xNN`` (Python's ``backslashreplace``), so the name reads as it is."""
+    return os.fsencode(uri).decode("utf-8", "backslashreplace")
 
 
 def _is_image(uri: str) -> bool:
@@ -48,7 +57,12 @@ def input_kind(uri: str) -> str:
 
 
 def _list_entries(uri: str) -> Iterator[tuple[int, str]]:
-    """(line number, entry) of a list file, streamed; blank lines and ``#`` comments are skipped."""
+    """(line number, entry) of a list file, streamed; blank lines and ``#`` comments are skipped.
+
+    An entry is the line up to its first tab, kept exactly: spaces are part of a file name, and bytes that are not
+    UTF-8 come through surrogate-escaped (``os.fsdecode``), so the file they name is the file opened. Only a
+    Windows line end and a leading byte-order mark are dropped.
+    """
     base = posixpath.dirname(storage.absolute(uri)) if storage.is_remote(uri) else \
         os.path.dirname(storage.absolute(uri))
     with storage.open_input(uri) as f:
@@ -59,8 +73,10 @@ def _list_entries(uri: str) -> Iterator[tuple[int, str]]:
             rest = lines.pop() if chunk else b""
             for raw in lines:
                 number += 1
-                text = raw.decode("utf-8", errors="replace").split("\t", 1)[0].strip()
-                if not text or text.startswith("#"):
+                if number == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                text = os.fsdecode(raw.removesuffix(b"\r").split(b"\t", 1)[0])
+                if not text.strip() or text.startswith("#"):
                     continue
                 absolute = storage.is_remote(text) or text.startswith("/")
                 yield number, text if absolute else storage.join(base, text)

@@ -20,7 +20,7 @@ from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.pipeline import fetch_files
 from mlcls_ray.data.report import demo_image_jpeg
 from mlcls_ray.devices import torch_device
-from mlcls_ray.infer.inputs import iter_inputs
+from mlcls_ray.infer.inputs import iter_inputs, printable
 from mlcls_ray.infer.predictor import Predictor
 
 __all__ = ["PREDICT_DIR", "PREDICT_RESULT", "result_name", "run_predict"]
@@ -33,8 +33,9 @@ def result_name(uri: str, where: str) -> str:
     """The name of an image's result files, without the ``_res.*`` suffix: its path below the folder walked, its
     file name for a single image, ``<name>_line<N>`` for a list entry (two entries never share one)."""
     if ":" in where:  # <list>:<line>
-        return f"{posixpath.splitext(posixpath.basename(uri))[0]}_line{where.rsplit(':', 1)[1]}"
-    return posixpath.splitext(where)[0]
+        return printable(f"{posixpath.splitext(posixpath.basename(uri))[0]}_line{where.rsplit(':', 1)[1]}")
+    inside = "/".join(p for p in where.split("/") if p not in ("", ".", ".."))  # a key's `//` or `..` stays inside
+    return printable(posixpath.splitext(inside)[0])
 
 
 def _save(out: str, name: str, result: dict, data: bytes | None, max_pixels: int) -> None:
@@ -70,10 +71,10 @@ def _predict(cfg: Config, output: str) -> int:
         for i, (uri, where) in enumerate(batch):
             kind, reason = error.get(i, ("", ""))
             if kind:
-                result = {"input_path": uri, "error_kind": kind, "error": reason}
+                result = {"input_path": printable(uri), "error_kind": kind, "error": reason}
                 failed[kind] += 1
             else:
-                result = {"input_path": uri, **labels[i]}
+                result = {"input_path": printable(uri), **labels[i]}
             print(json.dumps({"res": result}, ensure_ascii=False))
             _save(out, result_name(uri, where), result, None if kind else files[i][0], max_pixels)
             images += 1

@@ -1,11 +1,15 @@
-"""read_images: the one image Dataset, on a real local Ray, from local disk and from a real S3-compatible server."""
+"""read_images: the one image Dataset, on a real local Ray, from local disk and from a real S3-compatible server;
+fetch_files, the reader of predict and label."""
 
+import os
+
+import boto3
 import numpy as np
 import pytest
 
 from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.mlcls_format import read_dataset
-from mlcls_ray.data.pipeline import _rows_per_block, read_images
+from mlcls_ray.data.pipeline import _rows_per_block, fetch_files, read_images
 from mlcls_ray.data.problems import ProblemLog
 from tests.helpers import make_mlcls, upload_tree, write_image
 
@@ -77,3 +81,22 @@ def test_shuffle_visits_rows_in_a_new_order_every_pass(ray_start_2_cpus, tmp_pat
         runs = sum(b == a + 1 for a, b in zip(order, order[1:]))
         assert runs < 100, runs  # block order alone would leave about 199 of 199 neighbours in sequence
     assert orders[0] != orders[1]
+
+
+def test_every_file_failure_is_that_files_error_never_the_callers(tmp_path, s3_bucket):
+    """Keys pyarrow cannot address (`//`, a leading `/`), a folder, a missing file, a bad URI: an error each, in
+    order; a local name that is not UTF-8 (bytes, or surrogate-escaped str) is read."""
+    data = b"\xff\xd8 some bytes"
+    bucket = s3_bucket[len("s3://"):]
+    for key in ("a//b.jpg", "/lead.jpg", "a/ok b.jpg"):
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data)
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    with open(raw, "wb") as f:
+        f.write(data)
+    uris = [f"{s3_bucket}/a//b.jpg", f"{s3_bucket}//lead.jpg", f"{s3_bucket}/a/ok b.jpg", raw, os.fsdecode(raw),
+            str(tmp_path), str(tmp_path / "nope.jpg"), "ftp://x/y.jpg"]
+    got = list(fetch_files(uris))
+    assert [kind for _, kind, _ in got] == ["unreadable_file", "unreadable_file", "", "", "", "unreadable_file",
+                                            "missing_image", "unreadable_file"]
+    assert "ArrowInvalid" in got[0][2] and "IsADirectoryError" in got[5][2]
+    assert [d for d, _, _ in got[2:5]] == [data] * 3

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 
@@ -42,12 +44,17 @@ def test_a_folder_with_bad_files_goes_on_and_exits_1(tiny_model, tmp_path, capsy
     for i in range(5):
         write_image(tmp_path / "in" / "sub" / f"{i}.jpg", color=(40 * i, 10, 10))
     (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with open(os.fsencode(tmp_path / "in") + b"/caf\xe9.jpg", "wb") as f:  # a name that is not UTF-8
+        f.write((tmp_path / "in" / "sub" / "0.jpg").read_bytes())
     assert _predict(tiny_model, str(tmp_path / "in"), tmp_path / "out", "Predict.batch_size=2") == 1
     assert all("class_ids" in _saved(tmp_path / "out", f"sub/{i}") for i in range(5))
     broken = _saved(tmp_path / "out", "broken")
     assert broken["error_kind"] in ("corrupt_image", "not_an_image") and broken["error"]
+    odd = _saved(tmp_path / "out", "caf\\xe9")
+    assert odd["input_path"] == f"{tmp_path}/in/caf\\xe9.jpg"
+    assert odd["scores"] == _saved(tmp_path / "out", "sub/0")["scores"]
     summary = json.loads((tmp_path / "out" / "predict_result.json").read_text())
-    assert summary["images"] == 6 and summary["failed_images"] == 1
+    assert summary["images"] == 7 and summary["failed_images"] == 1
     assert "1 image(s) could not be read" in capsys.readouterr().err
 
 
@@ -62,13 +69,18 @@ def test_a_list_file_and_thresholds_by_name(tiny_model, tmp_path):
         assert res["input_path"] == str(tmp_path / "imgs" / f"{name}.jpg") and res["label_names"] == ["top_left"]
 
 
-def test_an_s3_prefix(tiny_model, tmp_path, s3_bucket):
+def test_an_s3_prefix_with_a_key_pyarrow_cannot_read(tiny_model, tmp_path, s3_bucket):
     for i in range(3):
         write_image(tmp_path / "up" / f"{i}.jpg")
     upload_tree(tmp_path / "up", f"{s3_bucket}/pics")
-    assert _predict(tiny_model, f"{s3_bucket}/pics", tmp_path / "out") == 0
+    jpeg = (tmp_path / "up" / "0.jpg").read_bytes()
+    boto3.client("s3").put_object(Bucket=s3_bucket[len("s3://"):], Key="pics//3.jpg", Body=jpeg)
+    assert _predict(tiny_model, f"{s3_bucket}/pics", tmp_path / "out") == 1  # that file's error, not a crash
     assert [_saved(tmp_path / "out", str(i))["input_path"] for i in range(3)] == [f"{s3_bucket}/pics/{i}.jpg"
                                                                                 for i in range(3)]
+    odd = _saved(tmp_path / "out", "3")
+    assert odd["input_path"] == f"{s3_bucket}/pics//3.jpg" and odd["error_kind"] == "unreadable_file"
+    assert "ArrowInvalid" in odd["error"]
 
 
 @pytest.mark.parametrize(("threshold", "message"), [
