@@ -129,6 +129,11 @@ SCHEMA: dict[str, Key] = {
                              "cluster has and gains, which a number caps), 1 on cpu", nullable=True, min=1),
     "Label.threshold": Key(object, _THRESHOLD, nullable=True, parse=thresholds.parse),
     "Label.shard_size": Key(int, "images per input shard: the unit of output files and of resuming", min=1),
+    "Label.scores": Key(str, "scores kept per image: all (every class, in class order), top:K (the K highest, with "
+                        "their class ids) or none", pattern=r"all|none|top:[1-9]\d*", pattern_help="all, none or "
+                        "top:K with K >= 1, e.g. top:5"),
+    "Label.scores_dtype": Key(str, "the scores' type; float16 halves their bytes (about 3 significant digits)",
+                              choices=("float32", "float16")),
     "Serve.model_dir": Key(str, f"model folder, {_PATH}; null = <Global.output>/best_model", nullable=True),
     "Serve.host": Key(str, "address the HTTP proxy binds (0.0.0.0 for every interface)"),
     "Serve.port": Key(int, "HTTP port", min=1, max=65535),

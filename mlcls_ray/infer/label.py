@@ -1,16 +1,18 @@
 """``Global.mode=label``: label every image of a folder, an ``s3://`` prefix or a list of URIs into Parquet, on Ray
 Data, streaming end to end, idempotent and resumable.
 
-``Label.output`` holds the shard plan and the part files (:mod:`mlcls_ray.infer.label_output`): one row per image
-(``path``, ``class_ids``, ``label_names``, ``scores`` of every class in class order, ``error_kind``, ``error``),
-each part file written atomically and holding rows of one shard; ``_SUCCESS``, a JSON summary written once every
-shard is complete; ``_FAILURE``, the record of a failed run. Names starting with ``_`` or ``.`` are skipped by
-Parquet readers (pyarrow, Spark, Ray), so the folder reads as one table.
+``Label.output`` holds the shard plan, the work in progress and the part files (layout:
+:mod:`mlcls_ray.infer.label_output`): ``part-<shard>.parquet``, one per shard, each input row exactly once
+(``path``, ``class_ids``, ``label_names``, the scores kept by ``Label.scores``, ``error_kind``, ``error``), written
+atomically; ``_SUCCESS``, a JSON summary written once every shard is complete (removed when a rerun starts);
+``_FAILURE``, the record of a failed run. Readers take ``part-*.parquet``.
 
-A rerun with the same output never lists the input again: it counts each shard's rows from its part files' names,
-skips complete shards and, for a shard a killed run cut short, labels only the rows its parts lack. No row is
-written twice, and nothing per image is held on the driver: it streams the listing into the plan and reads back one
-small row per part file written.
+One run at a time: the run holds a lease on the output (:mod:`mlcls_ray.infer.lease`), and a second live run is
+refused. A rerun never lists the input again and must match what made the rows (model weights, classes,
+preprocessing, thresholds, scores kept), or it is refused. It skips complete shards and, for a shard a killed run
+cut short, labels only the plan rows its pieces lack. Rows are identified by their plan row, so a write Ray retries
+overwrites its own piece and a shard's part holds each row once. Nothing per image is held on the driver: it streams
+the listing into the plan and reads back one small row per piece written and per shard completed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -34,6 +35,7 @@ from mlcls_ray.infer import label_output as out
 from mlcls_ray.infer import thresholds
 from mlcls_ray.infer.actors import inference_actors
 from mlcls_ray.infer.label_output import LabelSetupError
+from mlcls_ray.infer.lease import Lease
 from mlcls_ray.infer.predictor import Predictor, decode_square
 
 __all__ = ["FAILURE_FILE", "SUCCESS_FILE", "LabelSetupError", "run_label"]
@@ -42,7 +44,7 @@ SUCCESS_FILE = "_SUCCESS"
 FAILURE_FILE = "_FAILURE"
 _LOAD_BATCH = 32  # images read and decoded per CPU task batch; bounds a task's memory
 _TASK_ROWS = 4 * _LOAD_BATCH  # images per decoding task: 77 MB of 448 px squares out, at most
-_WRITE_ROWS = 4096  # rows per part file at most (or a shard's size): few files, and progress kept often
+_WRITE_ROWS = 4096  # rows per piece at most (or a shard's size): few pieces, and progress kept often
 
 
 def _load(batch: dict[str, np.ndarray], size: int, device_decode: bool, max_pixels: int, max_file_bytes: int
@@ -73,7 +75,8 @@ def _load(batch: dict[str, np.ndarray], size: int, device_decode: bool, max_pixe
             else:
                 images[i] = decoded
     columns = {"data": images, "square": square} if device_decode else {"image": images}
-    return {"shard": batch["shard"], "path": batch["path"], **columns, "error_kind": kinds, "error": reasons}
+    return {"shard": batch["shard"], "row": batch["row"], "path": batch["path"], **columns, "error_kind": kinds,
+            "error": reasons}
 
 
 class _Labeler:
@@ -99,107 +102,119 @@ class _Labeler:
             for i, exc in zip(good, errors):
                 if exc is not None:
                     kinds[i], reasons[i] = exc.kind, exc.reason
-        ok = kinds == ""
-        labels = self.predictor.labels(probs)
-        c = probs.shape[1]
-        scores = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), c, mask=pa.array(~ok))
-        return pa.table({
-            "shard": pa.array(batch["shard"], pa.int32()),
-            "path": pa.array(batch["path"], pa.string()),
-            "class_ids": pa.array([r["class_ids"] if k else [] for r, k in zip(labels, ok)], pa.list_(pa.int32())),
-            "label_names": pa.array([r["label_names"] if k else [] for r, k in zip(labels, ok)],
-                                    pa.list_(pa.string())),
-            "scores": scores,  # null for an image that failed
-            "error_kind": pa.array([k or None for k in kinds], pa.string()),
-            "error": pa.array([r or None for r in reasons], pa.string()),
-        })
+        return out.label_rows(batch["shard"], batch["row"], batch["path"], probs, self.predictor.labels(probs),
+                              kinds, reasons)
 
 
-def _write_parts(table: pa.Table, output: str) -> pa.Table:
-    """Write the rows of each shard in a batch as one part file; return one row per file written."""
-    shards = table["shard"].to_numpy()
-    written = {"shard": [], "rows": [], "failed": []}
-    for shard in np.unique(shards):
-        rows = table.filter(pa.array(shards == shard)).drop_columns(["shard"])
-        name = out.part_name(int(shard), rows.num_rows)
-        with storage.open_output(storage.join(output, name)) as f:
-            pq.write_table(rows, f)
-        kinds = collections.Counter(k for k in rows["error_kind"].to_pylist() if k)
-        written["shard"].append(int(shard))
-        written["rows"].append(rows.num_rows)
-        written["failed"].append(json.dumps(kinds))
-    return pa.table(written)
+def _normal(uri: str) -> str:
+    """A URI as planned and compared: absolute, and without a trailing ``/`` (``s3://b/p/`` is ``s3://b/p``)."""
+    uri = storage.absolute(uri)
+    return uri.rstrip("/") if storage.is_remote(uri) else uri
 
 
 def run_label(cfg: Config) -> int:
-    """Label; returns the exit code (0 also when some images are bad: they are rows with an ``error``)."""
-    output = storage.absolute(cfg["Label.output"] or storage.join(cfg["Global.output"], "labels"))
-    with results.failure_recorded(output, FAILURE_FILE):
-        return _label(cfg, output)
+    """Label; returns the exit code (0 also when some images are bad: they are rows with an ``error``).
+
+    Raises:
+        OutputBusyError: another live run holds the output (before anything is written to it).
+    """
+    output = _normal(cfg["Label.output"] or storage.join(cfg["Global.output"], "labels"))
+    with Lease(output) as lease, results.failure_recorded(output, FAILURE_FILE):
+        return _label(cfg, output, lease)
 
 
-def _label(cfg: Config, output: str) -> int:
-    model = storage.absolute(cfg["Label.model_dir"] or storage.join(cfg["Global.output"], "best_model"))
+def _columns(scores: str) -> list[str]:
+    kept = {"all": ["scores"], "none": []}.get(scores, ["top_class_ids", "top_scores"])
+    return ["path", "class_ids", "label_names", *kept, "error_kind", "error"]
+
+
+def _label(cfg: Config, output: str, lease: Lease) -> int:
+    model = _normal(cfg["Label.model_dir"] or storage.join(cfg["Global.output"], "best_model"))
     info = model_dir.read_info(model)
-    threshold = cfg["Label.threshold"]
-    thresholds.resolve(threshold, info.label_names, info.thresholds)  # a bad one fails here, not in an actor
-    source = storage.absolute(cfg["Label.input"])
-    plan = out.load_plan(source, output, cfg["Label.shard_size"])
-    parts = out.list_parts(output)
-    missing = out.missing_rows(plan, parts, output)
-    todo = sum(missing.values())
-    if todo < plan["images"]:
-        print(f"[Label] resuming {output}: {plan['images'] - todo:,} of {plan['images']:,} images already labeled")
+    threshold, scores = cfg["Label.threshold"], cfg["Label.scores"]
+    resolved = thresholds.resolve(threshold, info.label_names, info.thresholds)  # a bad one fails here, not in an actor
+    source = _normal(cfg["Label.input"])
+    plan = out.load_plan(source, output, cfg["Label.shard_size"],
+                         out.producer(model, info, resolved, scores, cfg["Label.scores_dtype"]))
+    storage.delete(storage.join(output, SUCCESS_FILE))  # incomplete again until this run ends
+    done, pieces, temporaries = out.list_output(output)
+    for name in temporaries:  # a killed run's half-written files: the lease says no live run owns them
+        storage.delete(storage.join(output, name))
+    tally = out.read_tally(output, done)
+    todo, partial = {}, {}  # shard -> rows to label; shard -> its rows still to label, of a shard cut short
+    for shard in range(plan["shards"]):
+        if shard in done:
+            continue
+        if shard not in pieces:
+            todo[shard] = out.planned_rows(plan, shard)
+            continue
+        partial[shard] = out.remaining_rows(output, shard, pieces[shard])
+        if partial[shard].num_rows:
+            todo[shard] = partial[shard].num_rows
+        else:  # every row written, the part not yet made when the run stopped
+            del partial[shard]
+            tally[shard] = out.compact(output, shard, out.planned_rows(plan, shard), pieces[shard])["failed"]
+    labeled = sum(todo.values())
+    if labeled < plan["images"]:
+        print(f"[Label] resuming {output}: {plan['images'] - labeled:,} of {plan['images']:,} images already labeled")
     started = time.monotonic()
     if todo:
-        _run_pipeline(cfg, model, info.spec.image_size, threshold, output, plan, [s for s in missing if s not in parts],
-                      {s: parts[s] for s in missing if s in parts}, todo)
+        _run_pipeline(cfg, model, info.spec.image_size, threshold, output, plan, todo, partial, tally, lease)
     seconds = time.monotonic() - started
-    parts = out.list_parts(output)
-    short = list(out.missing_rows(plan, parts, output))
+    out.write_tally(output, tally)
+    short = [s for s in range(plan["shards"]) if s not in tally]
     if short:
         raise RuntimeError(f"{len(short)} shard(s) were not completely labeled (first: {short[0]}); run the same "
                            "command again to finish them")
-    failed = out.failures_in(output, parts)
+    out.remove_work(output)  # empty now, but for pieces of complete shards left by a run stopped midway
+    lease.check()
+    failed = collections.Counter()
+    for counts in tally.values():
+        failed.update(counts)
     summary = {"done_flag": True, "input": source, "output": output, "model_dir": model,
-               "images": plan["images"], "labeled_this_run": todo, "failed_images": sum(failed.values()),
+               "images": plan["images"], "labeled_this_run": labeled, "failed_images": sum(failed.values()),
                "failed_by_kind": dict(failed.most_common()), "shards": plan["shards"],
                "seconds_this_run": round(seconds, 2),
-               "images_per_s_this_run": round(todo / seconds, 2) if todo and seconds else None,
-               "threshold": threshold, "columns": ["path", "class_ids", "label_names", "scores", "error_kind",
-                                                   "error"]}
+               "images_per_s_this_run": round(labeled / seconds, 2) if labeled and seconds else None,
+               "threshold": threshold, "scores": scores, "scores_dtype": cfg["Label.scores_dtype"],
+               "columns": _columns(scores), "read": out.PART_GLOB}
     results.write_result(output, SUCCESS_FILE, summary)
     storage.delete(storage.join(output, FAILURE_FILE))
-    print(f"[Label] done: {plan['images']:,} images ({todo:,} this run, "
+    print(f"[Label] done: {plan['images']:,} images ({labeled:,} this run, "
           f"{summary['images_per_s_this_run'] or 0:,.1f} images/s), {sum(failed.values()):,} failed"
           + (f" ({', '.join(f'{k} {n:,}' for k, n in failed.most_common())})" if failed else "")
-          + f"; Parquet: {output} (summary: {storage.join(output, SUCCESS_FILE)})")
-    _show_rows(output, parts, info.label_names)
+          + f"; Parquet: {storage.join(output, out.PART_GLOB)} (summary: {storage.join(output, SUCCESS_FILE)})")
+    _show_rows(output, info.label_names)
     return 0
 
 
-def _show_rows(output: str, parts: out.Parts, names: list[str], n: int = 3) -> None:
+def _show_rows(output: str, names: list[str], n: int = 3) -> None:
     """Print the first rows of the first part file, so a user sees what the Parquet holds."""
-    name = min(parts[min(parts)])[0]
+    name = "part-000000.parquet"
     table = out.read_parquet(storage.join(output, name)).slice(0, n)
     print(f"[Label] first rows of {name}:")
     for row in table.to_pylist():
-        top = sorted(zip(row["scores"] or [], range(len(row["scores"] or []))), reverse=True)[:3]
+        if row.get("scores"):
+            top = sorted(zip(row["scores"], range(len(row["scores"]))), reverse=True)[:3]
+        else:
+            top = list(zip(row.get("top_scores") or [], row.get("top_class_ids") or []))[:3]
         print(f"  {row['path']}: {row['label_names'] if row['error'] is None else row['error']}"
               + (f" (top scores: {', '.join(f'{names[c]} {s:.3f}' for s, c in top)})" if top else ""))
 
 
-def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, plan: dict, untouched: list[int],
-                  partial: out.Parts, todo: int) -> None:
-    """Label the rows still to do, printing progress."""
+def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, plan: dict, todo: dict[int, int],
+                  partial: dict[int, pa.Table], tally: dict[int, dict], lease: Lease) -> None:
+    """Label the rows still to do (``todo``: rows per shard; ``partial``: the rows left of shards cut short), making
+    each shard's part as soon as its pieces are all written and adding its failures to ``tally``; print progress."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress lines say more
     fs, _ = storage.resolve(output)
+    untouched = [s for s in todo if s not in partial]
     sources = []
     if untouched:
         sources.append(ray.data.read_parquet([storage.resolve(out.shard_uri(output, s))[1] for s in untouched],
                                              filesystem=fs))
     if partial:
-        sources.append(ray.data.from_arrow([out.remaining_rows(output, s, named) for s, named in partial.items()]))
+        sources.append(ray.data.from_arrow(list(partial.values())))
     rows = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
     # a shard is one block of up to 10,000 URIs; small blocks spread decoding over tasks and start the actors early
     rows = rows.repartition(target_num_rows_per_block=_TASK_ROWS)
@@ -216,20 +231,39 @@ def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, pl
         _Labeler, fn_constructor_kwargs={"model": model, "threshold": threshold, "device_decode": gpu,
                                          "max_pixels": cfg["Global.max_image_pixels"], **kwargs},
         batch_size=cfg["Label.batch_size"], batch_format="numpy", **actors,
-    ).map_batches(_write_parts, fn_kwargs={"output": output}, batch_size=min(_WRITE_ROWS, plan["shard_size"]),
-                  batch_format="pyarrow", num_cpus=0.25, runtime_env=env)
-    done, failed = 0, collections.Counter()
+    ).map_batches(out.write_pieces, fn_kwargs={"output": output, "scores": cfg["Label.scores"],
+                                                "scores_dtype": cfg["Label.scores_dtype"]},
+                  batch_size=min(_WRITE_ROWS, plan["shard_size"]), batch_format="pyarrow", num_cpus=0.25,
+                  runtime_env=env)
+    compact = ray.remote(out.compact).options(num_cpus=0.25, runtime_env=env)
+    left, making = dict(todo), []  # rows still to come per shard; parts being made
+    total, done, failed = sum(todo.values()), 0, collections.Counter()
     started = last = time.monotonic()
-    print(f"[Label] labeling {todo:,} images with {model} on {cfg['Global.device']}; output: {output}")
+
+    def made(refs: list) -> None:
+        for result in ray.get(refs):
+            if not result["missing"]:
+                tally[result["shard"]] = result["failed"]
+
+    print(f"[Label] labeling {total:,} images with {model} on {cfg['Global.device']}; output: {output}")
     for batch in labeled.iter_batches(batch_size=None, batch_format="pyarrow"):
-        done += sum(batch["rows"].to_pylist())
-        for counts in batch["failed"].to_pylist():
+        for shard, rows, counts in zip(*(batch[k].to_pylist() for k in ("shard", "rows", "failed"))):
+            done, left[shard] = done + rows, left[shard] - rows
             failed.update(json.loads(counts))
+            if left[shard] == 0:
+                making.append(compact.remote(output, shard, out.planned_rows(plan, shard)))
+        ready, making = ray.wait(making, num_returns=len(making), timeout=0) if making else ([], [])
+        made(ready)
+        lease.check()
         now = time.monotonic()
         if now - last > out.PROGRESS_S:
             last, rate = now, done / (now - started)
-            print(f"[Label] {done:,}/{todo:,} images ({done / todo:.0%}), {rate:,.1f} images/s, "
-                  f"{sum(failed.values()):,} failed, ETA {(todo - done) / max(rate, 1e-9):,.0f} s")
+            out.write_tally(output, tally)  # a run stopped now need not read these parts' footers again
+            print(f"[Label] {done:,}/{total:,} images ({done / total:.0%}), {rate:,.1f} images/s, "
+                  f"{sum(failed.values()):,} failed, {len(tally):,}/{plan['shards']:,} shards complete, "
+                  f"ETA {(total - done) / max(rate, 1e-9):,.0f} s")
+    # a shard whose counts did not add up (they should) is still tried: its part is made only if every row is there
+    made(making + [compact.remote(output, s, out.planned_rows(plan, s)) for s, n in left.items() if n != 0])
     if failed:
         print(f"mlcls: {sum(failed.values()):,} image(s) could not be labeled: "
               + ", ".join(f"{k} {n:,}" for k, n in failed.most_common()), file=sys.stderr)

@@ -1,34 +1,52 @@
-"""The layout of a label output folder: the shard plan, the part files, and what a rerun still has to do.
+"""The layout of a label output folder: the plan, the parts, what produced them, and what a rerun still has to do.
 
-``_plan/shard-<N>.parquet`` holds the input listed once into shards (``shard``, ``path``) and
-``_plan/_COMPLETE.json`` marks the listing complete. ``part-<shard>-<id>-n<rows>.parquet`` holds labeled rows of one
-shard; its name carries its row count, so what is done is known from a listing, without opening a file.
+- ``_plan/shard-<N>.parquet``: the input listed once into shards, one row per input row (``shard``, ``row``, its
+  index in the shard, and ``path``, the URI's bytes: a local name that is not UTF-8 is kept exactly).
+  ``_plan/_COMPLETE.json`` marks the listing complete and records what produces the rows (:func:`producer`).
+- ``_work/shard-<N>/piece-<first row>-<digest>.parquet``: labeled rows of one shard as the pipeline writes them,
+  with their plan ``row``. A piece is named by the rows it holds, so a write task Ray retries overwrites its own
+  piece instead of adding a second copy.
+- ``part-<N>.parquet``: a whole shard, every plan row exactly once, in plan order, made by :func:`compact` from the
+  shard's pieces once they hold every row (a row in two pieces, as a differently batched retry leaves it, is kept
+  once); then the pieces are deleted. A shard is complete when its part exists: row identity, not a count.
+- ``_plan/_TALLY.json``: the failed images by kind of each complete shard, so a summary reads no part again.
+
+Readers take ``part-*.parquet`` (names starting with ``_`` or ``.`` are skipped by pyarrow, Spark and Ray anyway:
+``_plan/``, ``_work/``, ``_LEASE``, and the ``.tmp-*`` of a write in flight).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
+import os
 import re
 import time
-import uuid
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mlcls_ray import storage
-from mlcls_ray.infer.inputs import IMAGE_EXTENSIONS, iter_inputs
+from mlcls_ray import model_dir, storage
+from mlcls_ray.infer.inputs import IMAGE_EXTENSIONS, iter_inputs, printable
 
-__all__ = ["PLAN_DIR", "PROGRESS_S", "LabelSetupError", "Parts", "failures_in", "list_parts", "load_plan",
-           "missing_rows", "part_name", "planned_rows", "read_parquet", "remaining_rows", "shard_uri"]
+__all__ = ["PART_GLOB", "PLAN_DIR", "PROGRESS_S", "LabelSetupError", "compact", "label_rows", "list_output",
+           "load_plan", "planned_rows", "producer", "read_tally", "remaining_rows", "remove_work", "shard_uri",
+           "write_pieces", "write_tally"]
 
 PLAN_DIR = "_plan"
+WORK_DIR = "_work"
+PART_GLOB = "part-*.parquet"  # what readers read: no plan, no pieces, no temporaries
 _PLAN_DONE = "_COMPLETE.json"
-_PART = re.compile(r"part-(\d+)-[0-9a-f]{8}-n(\d+)\.parquet")
+_TALLY = "_TALLY.json"
+_FORMAT = 2  # 1: parts named by row counts (uuid names), no producer record
+_PART = re.compile(r"part-(\d+)\.parquet")
+_PIECE = re.compile(rf"{WORK_DIR}/shard-(\d+)/piece-\d+-[0-9a-f]+\.parquet")
+_FAILED_KEY = b"mlcls.failed_by_kind"  # a part's footer: its failed images by kind, for a tally rebuilt by hand
+_COMPRESSION = "zstd"
 PROGRESS_S = 10.0  # seconds between progress lines, while listing and while labeling
-Parts = dict[int, list[tuple[str, int]]]  # shard -> [(part file name, rows), ...]
 
 
 class LabelSetupError(ValueError):
@@ -39,27 +57,89 @@ def shard_uri(output: str, shard: int) -> str:
     return storage.join(output, PLAN_DIR, f"shard-{shard:06d}.parquet")
 
 
-def _write_plan_shard(output: str, shard: int, paths: list[str]) -> None:
-    table = pa.table({"shard": pa.array(np.full(len(paths), shard, np.int32)), "path": pa.array(paths, pa.string())})
-    with storage.open_output(shard_uri(output, shard)) as f:
-        pq.write_table(table, f)
+def _part_uri(output: str, shard: int) -> str:
+    return storage.join(output, f"part-{shard:06d}.parquet")
 
 
-def load_plan(source: str, output: str, shard_size: int) -> dict:
-    """List the input once into shards under ``_plan/``, or read back the plan an earlier run completed."""
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    with storage.open_output(uri) as f:
+        pq.write_table(table, f, compression=_COMPRESSION)
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def _sha256(uri: str, chunk: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with storage.open_input(uri) as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def producer(model: str, info: model_dir.ModelInfo, thresholds: np.ndarray, scores: str, scores_dtype: str) -> dict:
+    """What makes the rows: the model (its folder, a digest of its weights, its classes and preprocessing), the
+    resolved per-class thresholds and the scores kept. A rerun into the same output must match it."""
+    spec = info.spec
+    return {"model_dir": model, "weights_sha256": _sha256(storage.join(model, model_dir.WEIGHTS_FILE)),
+            "image_size": spec.image_size, "mean": [float(m) for m in spec.mean], "std": [float(s) for s in spec.std],
+            "label_names": list(info.label_names), "thresholds": [float(t) for t in thresholds],
+            "scores": scores, "scores_dtype": scores_dtype}
+
+
+_WHAT = {"weights_sha256": "the weights (sha256 of model.safetensors)", "image_size": "the image size",
+         "mean": "the normalisation mean", "std": "the normalisation std", "label_names": "the classes",
+         "thresholds": "the thresholds (Label.threshold or the model's)", "scores": "Label.scores",
+         "scores_dtype": "Label.scores_dtype"}
+
+
+def _check_producer(planned: dict, now: dict, output: str) -> None:
+    differ = [k for k in _WHAT if planned.get(k) != now[k]]
+    if differ:
+        shown = {k: (planned.get(k), now[k]) if k not in ("label_names", "thresholds", "mean", "std") else None
+                 for k in differ}
+        detail = "; ".join(_WHAT[k] + (f" {shown[k][0]!r} there, {shown[k][1]!r} now" if shown[k] else "")
+                           for k in differ)
+        raise LabelSetupError(f"Label.output {output} holds labels made by another model or setting ({detail}; "
+                              f"it was labeled with {planned.get('model_dir')}); rerun with what made it, or give a "
+                              "new Label.output")
+    if planned["model_dir"] != now["model_dir"]:
+        print(f"[Label] {output} was labeled with {planned['model_dir']}; {now['model_dir']} has the same weights, "
+              "classes and preprocessing, so the run goes on")
+
+
+def _write_plan_shard(output: str, shard: int, paths: list[bytes]) -> None:
+    table = pa.table({"shard": pa.array(np.full(len(paths), shard, np.int32)),
+                      "row": pa.array(np.arange(len(paths), dtype=np.int32)), "path": pa.array(paths, pa.binary())})
+    _write_parquet(shard_uri(output, shard), table)
+
+
+def load_plan(source: str, output: str, shard_size: int, made_by: dict) -> dict:
+    """List the input once into shards under ``_plan/``, or read back the plan an earlier run completed.
+
+    Raises:
+        LabelSetupError: the output holds the labels of another input, of another model or setting, or of an
+            earlier layout; or the input holds no image.
+    """
     marker = storage.join(output, PLAN_DIR, _PLAN_DONE)
     if storage.exists(marker):
         plan = json.loads(storage.read_text(marker))
+        if plan.get("format") != _FORMAT:
+            raise LabelSetupError(f"Label.output {output} was written by an earlier version of mlcls-ray (another "
+                                  "part layout); label into a new Label.output")
         if plan["input"] != source:
             raise LabelSetupError(f"Label.output {output} holds the labels of {plan['input']}, not of {source}; "
                                   "use another Label.output")
+        _check_producer(plan["producer"], made_by, output)
         if plan["shard_size"] != shard_size:
             print(f"mlcls: {output} was planned with Label.shard_size={plan['shard_size']}; resuming with that")
         return plan
     shards, images, paths = 0, 0, []
     started = last = time.monotonic()
     for uri, _ in iter_inputs(source):
-        paths.append(uri)
+        paths.append(os.fsencode(uri))  # the exact bytes of a local name; a URI's UTF-8
         if len(paths) == shard_size:
             _write_plan_shard(output, shards, paths)
             shards, images, paths = shards + 1, images + len(paths), []
@@ -71,7 +151,8 @@ def load_plan(source: str, output: str, shard_size: int) -> dict:
         shards, images = shards + 1, images + len(paths)
     if not images:
         raise LabelSetupError(f"Label.input {source}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    plan = {"input": source, "shard_size": shard_size, "images": images, "shards": shards}
+    plan = {"format": _FORMAT, "input": source, "shard_size": shard_size, "images": images, "shards": shards,
+            "producer": made_by}
     storage.write_text(marker, json.dumps(plan, indent=2) + "\n")
     print(f"[Label] listed {images:,} images of {source} into {shards:,} shard(s)")
     return plan
@@ -82,65 +163,141 @@ def planned_rows(plan: dict, shard: int) -> int:
     return last if shard == plan["shards"] - 1 else plan["shard_size"]
 
 
-def list_parts(output: str) -> Parts:
-    """``{shard: [(part file name, rows), ...]}`` of the part files in the output."""
-    found: Parts = collections.defaultdict(list)
+def list_output(output: str) -> tuple[set[int], dict[int, list[str]], list[str]]:
+    """``(complete shards, {shard: its pieces}, temporaries)`` of an output folder, from one listing."""
+    done, pieces, temporaries = set(), collections.defaultdict(list), []
     for name in storage.list_files(output) if storage.exists(output) else []:
-        match = _PART.fullmatch(name)
-        if match:
-            found[int(match[1])].append((name, int(match[2])))
-    return found
+        if match := _PART.fullmatch(name):
+            done.add(int(match[1]))
+        elif match := _PIECE.fullmatch(name):
+            pieces[int(match[1])].append(name)
+        elif name.rsplit("/", 1)[-1].startswith(".tmp-"):
+            temporaries.append(name)
+    return done, dict(pieces), temporaries
 
 
-def missing_rows(plan: dict, parts: Parts, output: str) -> dict[int, int]:
-    """``{shard: rows still to label}`` for every shard not complete (a shard without parts: all its rows).
+def _present(output: str, pieces: list[str]) -> np.ndarray:
+    """The plan rows the pieces hold (each once)."""
+    rows = [read_parquet(storage.join(output, p), ["row"])["row"].to_numpy() for p in pieces]
+    return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int32)
 
-    Raises:
-        LabelSetupError: a shard has more rows than its plan, as two runs writing into one output leave it.
+
+def remaining_rows(output: str, shard: int, pieces: list[str]) -> pa.Table:
+    """The plan rows of a shard that its pieces lack (a path listed twice is two rows: each is labeled once)."""
+    plan = read_parquet(shard_uri(output, shard))
+    return plan.filter(pc.invert(pc.is_in(plan["row"], pa.array(_present(output, pieces), pa.int32()))))
+
+
+def label_rows(shard: np.ndarray, row: np.ndarray, paths: np.ndarray, probs: np.ndarray, labels: list[dict],
+               kinds: np.ndarray, reasons: np.ndarray) -> pa.Table:
+    """The labeler's rows: plan ``shard`` and ``row``, ``path``, the labels, every class's score (float32, null for
+    an image that failed) and the error columns; :func:`write_pieces` turns the scores into what is kept."""
+    ok = kinds == ""
+    scores = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1], mask=pa.array(~ok))
+    return pa.table({
+        "shard": pa.array(shard, pa.int32()),
+        "row": pa.array(row, pa.int32()),
+        "path": pa.array([printable(bytes(p)) for p in paths], pa.string()),
+        "class_ids": pa.array([r["class_ids"] if k else [] for r, k in zip(labels, ok)], pa.list_(pa.int32())),
+        "label_names": pa.array([r["label_names"] if k else [] for r, k in zip(labels, ok)], pa.list_(pa.string())),
+        "scores": scores,
+        "error_kind": pa.array([k or None for k in kinds], pa.string()),
+        "error": pa.array([r or None for r in reasons], pa.string()),
+    })
+
+
+def _keep_scores(table: pa.Table, scores: str, dtype: str) -> pa.Table:
+    """``all``: every class's score as ``scores``; ``top:K``: ``top_class_ids`` and ``top_scores``, the K highest,
+    highest first; ``none``: no score column. In ``dtype`` (``float16`` halves the bytes, to about 3 digits)."""
+    at, column = table.column_names.index("scores"), table["scores"].combine_chunks()
+    table = table.drop_columns(["scores"])
+    c, kind = column.type.list_size, pa.float16() if dtype == "float16" else pa.float32()
+    probs = column.values.slice(column.offset * c, len(column) * c).to_numpy().reshape(-1, c)  # [N, C], failed too
+    failed = pa.array(column.is_null().to_numpy(zero_copy_only=False))
+    if scores == "all":
+        return table.add_column(at, "scores", pa.FixedSizeListArray.from_arrays(
+            pa.array(probs.astype(dtype).reshape(-1), kind), c, mask=failed))
+    if scores == "none":
+        return table
+    k = min(int(scores.split(":")[1]), c)
+    ids = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # [N, K]
+    top = np.take_along_axis(probs, ids, axis=1).astype(dtype)
+    table = table.add_column(at, "top_class_ids", pa.FixedSizeListArray.from_arrays(
+        pa.array(ids.astype(np.int32).reshape(-1)), k, mask=failed))
+    return table.add_column(at + 1, "top_scores", pa.FixedSizeListArray.from_arrays(
+        pa.array(top.reshape(-1), kind), k, mask=failed))
+
+
+def write_pieces(table: pa.Table, output: str, scores: str, scores_dtype: str) -> pa.Table:
+    """Ray Data's write step: each shard's rows of a batch as one piece, named by its rows (a retried task writes
+    the same name again); returns one row per piece (``shard``, ``rows``, ``failed``: counts by kind as JSON)."""
+    shards = table["shard"].to_numpy()
+    written = {"shard": [], "rows": [], "failed": []}
+    for shard in np.unique(shards):
+        rows = table.filter(pa.array(shards == shard)).drop_columns(["shard"])
+        rows = rows.take(pc.sort_indices(rows["row"]))
+        index = rows["row"].to_numpy()
+        name = f"piece-{index[0]:06d}-{hashlib.sha1(index.astype(np.int32).tobytes()).hexdigest()[:16]}.parquet"
+        _write_parquet(storage.join(output, WORK_DIR, f"shard-{shard:06d}", name), _keep_scores(rows, scores,
+                                                                                                 scores_dtype))
+        written["shard"].append(int(shard))
+        written["rows"].append(rows.num_rows)
+        written["failed"].append(json.dumps(collections.Counter(k for k in rows["error_kind"].to_pylist() if k)))
+    return pa.table(written)
+
+
+def compact(output: str, shard: int, planned: int, pieces: list[str] | None = None) -> dict:
+    """Make ``part-<shard>.parquet`` from the shard's pieces if they hold every plan row, then delete the pieces.
+
+    Each row is kept once (the first piece holding it), in plan order; the part is written atomically and only
+    whole. Runs as a Ray task (it holds one shard's rows) or inline. ``pieces`` defaults to a listing of the shard.
+
+    Returns:
+        ``{"shard", "missing": rows no piece holds, "failed": {kind: images}}`` (``failed`` only when written).
     """
-    missing = {}
-    for shard in set(range(plan["shards"])) | set(parts):
-        named = parts.get(shard, [])
-        done, planned = sum(n for _, n in named), planned_rows(plan, shard) if shard < plan["shards"] else 0
-        if done > planned:
-            raise LabelSetupError(f"{output}: shard {shard} has more labeled rows than its plan "
-                                  f"({', '.join(name for name, _ in named)}); was a second run writing here at the "
-                                  "same time? Use another Label.output")
-        if done < planned:
-            missing[shard] = planned - done
-    return dict(sorted(missing.items()))
+    folder = storage.join(output, WORK_DIR, f"shard-{shard:06d}")
+    if pieces is None:
+        pieces = [storage.join(WORK_DIR, f"shard-{shard:06d}", n) for n in storage.list_files(folder)
+                  if n.startswith("piece-")]
+    tables = [read_parquet(storage.join(output, p)) for p in pieces]
+    rows = pa.concat_tables(tables) if tables else None
+    index = rows["row"].to_numpy() if rows is not None else np.zeros(0, np.int32)
+    unique, first = np.unique(index, return_index=True)  # sorted: plan order
+    if len(unique) < planned:
+        return {"shard": shard, "missing": planned - len(unique), "failed": {}}
+    part = rows.take(pa.array(first)).drop_columns(["row"])
+    failed = dict(collections.Counter(k for k in part["error_kind"].to_pylist() if k))
+    part = part.replace_schema_metadata({**(part.schema.metadata or {}), _FAILED_KEY: json.dumps(failed)})
+    _write_parquet(_part_uri(output, shard), part)
+    for p in pieces:
+        storage.delete(storage.join(output, p))
+    return {"shard": shard, "missing": 0, "failed": failed}
 
 
-def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+def remove_work(output: str) -> None:
+    """Delete ``_work/`` once every shard has its part."""
+    fs, path = storage.resolve(storage.join(output, WORK_DIR))
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise storage.StorageError(f"{storage.join(output, WORK_DIR)}: cannot delete ({exc})") from exc
 
 
-def remaining_rows(output: str, shard: int, parts: list[tuple[str, int]]) -> pa.Table:
-    """The plan rows of a shard cut short that its part files lack (a path listed twice is labeled twice)."""
-    rows = read_parquet(shard_uri(output, shard))
-    done = collections.Counter()
-    for name, _ in parts:
-        done.update(read_parquet(storage.join(output, name), ["path"])["path"].to_pylist())
-    keep = []
-    for i, path in enumerate(rows["path"].to_pylist()):
-        if done[path]:
-            done[path] -= 1
-        else:
-            keep.append(i)
-    return rows.take(pa.array(keep, pa.int64()))
+def read_tally(output: str, done: set[int]) -> dict[int, dict[str, int]]:
+    """Failed images by kind of each complete shard: from ``_TALLY.json``, and from the footer of any part it lacks
+    (a run stopped between writing a part and the tally)."""
+    uri = storage.join(output, PLAN_DIR, _TALLY)
+    tally = {int(k): v for k, v in json.loads(storage.read_text(uri)).items()} if storage.exists(uri) else {}
+    tally = {s: v for s, v in tally.items() if s in done}
+    for shard in sorted(done - set(tally)):
+        fs, path = storage.resolve(_part_uri(output, shard))
+        meta = pq.read_metadata(path, filesystem=fs).metadata or {}
+        tally[shard] = json.loads(meta.get(_FAILED_KEY, b"{}"))
+    return tally
 
 
-def failures_in(output: str, parts: Parts) -> collections.Counter:
-    """Failed images by kind over every part file, read a column at a time (bounded memory)."""
-    fs, root = storage.resolve(output)
-    files = [f"{root.rstrip('/')}/{name}" for named in parts.values() for name, _ in named]
-    counts: collections.Counter = collections.Counter()
-    for batch in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["error_kind"]):
-        counts.update(k for k in batch.column(0).to_pylist() if k)
-    return counts
-
-
-def part_name(shard: int, rows: int) -> str:
-    """A new part file's name: its shard, a random id (two writers never collide) and its row count."""
-    return f"part-{shard:06d}-{uuid.uuid4().hex[:8]}-n{rows}.parquet"
+def write_tally(output: str, tally: dict[int, dict[str, int]]) -> None:
+    tallied = {str(k): v for k, v in sorted(tally.items())}
+    storage.write_text(storage.join(output, PLAN_DIR, _TALLY), json.dumps(tallied))
