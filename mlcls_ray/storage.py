@@ -11,6 +11,7 @@ every process, each Ray worker included, takes those from its own AWS credential
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import os
 import posixpath
@@ -353,9 +354,8 @@ def replace_if(uri: str, data: bytes | None, version: str) -> str | None:
     :func:`read_versioned`: the new version ("" once deleted) if done, None if another writer changed or removed
     it first.
 
-    On S3 a PutObject or DeleteObject with ``If-Match`` on the ETag. Locally the file is renamed aside and its version
-    checked (put back if it was not the one expected), and the new content is hard-linked into place, which fails
-    rather than overwrite a file another writer created in between.
+    On S3 a PutObject or DeleteObject with ``If-Match`` on the ETag. Locally the version is checked and the file
+    replaced (renamed over) under an exclusive ``flock`` of ``<file>.lock``, which every local ``replace_if`` takes.
     """
     if is_remote(uri):
         client, bucket, key = _s3_key(uri)
@@ -369,31 +369,22 @@ def replace_if(uri: str, data: bytes | None, version: str) -> str | None:
                 return None
             raise StorageError(f"{uri}: cannot replace ({type(exc).__name__}: {exc})") from exc
     path = resolve(uri)[1]
-    aside = f"{path}.{uuid.uuid4().hex}.old"
     try:
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return None
-        if _local_version(aside) != version:
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, path)  # not ours to replace: put it back
-            return None
-        if data is None:
-            return ""
-        with open_output(f"{aside}.new") as f:
-            f.write(data)
-        try:
-            os.link(f"{aside}.new", path)
-        except FileExistsError:
-            return None
-        return _local_version(path)
+        with open(f"{path}.lock", "a") as lock:  # one checker-and-writer at a time; the file itself is never absent
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if _local_version(path) != version:
+                    return None
+            except FileNotFoundError:
+                return None
+            if data is None:
+                os.unlink(path)
+                return ""
+            with open_output(uri) as f:  # a rename over it: readers see the old file or the new one
+                f.write(data)
+            return _local_version(path)
     except OSError as exc:
         raise StorageError(f"{uri}: cannot replace ({exc})") from exc
-    finally:
-        for leftover in (aside, f"{aside}.new"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
 
 
 def backup(uri: str) -> str | None:

@@ -34,14 +34,14 @@ def test_a_second_live_run_is_refused_until_the_first_ends(output):
 
 
 def test_the_lease_is_renewed_and_a_lost_one_stops_the_run(output):
-    with Lease(output, ttl_s=0.4) as lease:
+    with Lease(output, ttl_s=2) as lease:  # S3 tells a lease's age to the second: ttl_s is never under a few
         _, version, _ = storage.read_versioned(lease.uri)
-        time.sleep(0.5)  # a lease not renewed would have expired by now
+        time.sleep(0.7)  # renewed every 0.5 s
         assert storage.read_versioned(lease.uri)[1] != version
         with pytest.raises(OutputBusyError):
             Lease(output).__enter__()
         storage.write_text(lease.uri, json.dumps({"run": "intruder"}))  # written over, as a takeover would
-        time.sleep(0.3)
+        time.sleep(0.7)
         with pytest.raises(OutputBusyError, match="lost its lease: another run took it over"):
             lease.check()
     assert json.loads(storage.read_text(lease.uri))["run"] == "intruder"  # not released: it is not ours
