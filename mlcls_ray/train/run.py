@@ -8,6 +8,7 @@ invocation, so a new run never resumes an old one by accident; ``Train.resume_pa
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import uuid
@@ -34,7 +35,8 @@ __all__ = ["CHECKPOINTS_DIR", "TrainSetupError", "latest_checkpoint", "model_spe
 
 CHECKPOINTS_DIR = "checkpoints"
 _KEEP_CHECKPOINTS = 5  # PaddleX's last_1..last_5
-_FORWARDED_ENV = ("AWS_", "HF_", "GLOO_", "NCCL_")  # credentials and endpoints the workers need as the driver has them
+_FORWARDED_ENV = ("HF_", "GLOO_", "NCCL_")  # settings the workers need as the driver has them (network, hub cache)
+_SECRET = re.compile("TOKEN|SECRET|PASSWORD|KEY", re.IGNORECASE)
 
 
 class TrainSetupError(ValueError):
@@ -146,7 +148,10 @@ def _read_splits(root: str, problems: ProblemLog) -> tuple[list[str], Manifest, 
 
 
 def _worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV)}
+    """The driver's non-secret settings for the workers' runtime_env (shown on the dashboard, frozen at submission):
+    the S3 endpoint and region, and the network and hub settings; credentials come from each node's own chain."""
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV) and not _SECRET.search(k)}
+    return {**storage.aws_settings(), **forwarded}
 
 
 def run_train(cfg: Config) -> int:

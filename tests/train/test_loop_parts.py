@@ -120,3 +120,17 @@ def test_the_val_split_keeps_every_row_whether_datasets_come_one_by_one_or_toget
     assert sum(rows([s["val"] for s in together])) == 11
     one = _ValSplit().configure({"val": ray.data.range(11)}, 2, None, None)
     assert sum(rows([s["val"] for s in one])) == 11
+
+
+def test_training_workers_get_settings_but_never_credentials(monkeypatch):
+    """The workers' runtime_env is shown on the dashboard and frozen at submission: endpoint, region and network
+    settings go there; keys and tokens never do (each node's own credential chain supplies them)."""
+    from mlcls_ray.train.run import _worker_env
+
+    for name, value in {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1",
+                        "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s3cret", "AWS_SESSION_TOKEN": "tok",
+                        "HF_TOKEN": "hf_secret", "HF_HUB_OFFLINE": "1", "NCCL_SOCKET_IFNAME": "eth0"}.items():
+        monkeypatch.setenv(name, value)
+    env = _worker_env()
+    assert {"AWS_ENDPOINT_URL", "AWS_REGION", "HF_HUB_OFFLINE", "NCCL_SOCKET_IFNAME"} <= env.keys()
+    assert not {"s3cret", "tok", "hf_secret", "AKIA"} & set(env.values()), env
