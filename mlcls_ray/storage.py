@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from email.utils import parsedate_to_datetime
 from typing import BinaryIO
 from urllib.parse import urlparse
 
@@ -334,8 +335,6 @@ def read_versioned(uri: str) -> tuple[bytes, str, float] | None:
             if _condition_failed(exc):
                 return None
             raise StorageError(f"{uri}: cannot read ({type(exc).__name__}: {exc})") from exc
-        from email.utils import parsedate_to_datetime
-
         now = parsedate_to_datetime(got["ResponseMetadata"]["HTTPHeaders"]["date"])
         return data, got["ETag"], (now - got["LastModified"]).total_seconds()
     path = resolve(uri)[1]
