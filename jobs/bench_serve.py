@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from mlcls_ray import model_dir  # noqa: E402
 from mlcls_ray.config import load_config  # noqa: E402
-from mlcls_ray.infer import serve as srv  # noqa: E402
+from mlcls_ray.infer import serve as srv
+from mlcls_ray.infer import serve_settings as sets  # noqa: E402
 from mlcls_ray.models.zoo import build_model  # noqa: E402
 from mlcls_ray.train.run import model_spec  # noqa: E402
 
@@ -82,10 +83,10 @@ def _run(url: str, images: list[str], clients: int, total: int) -> dict:
             "p99": float(np.percentile(latencies, 99))}
 
 
-def _app(settings: srv.ServeSettings, batch: int):
+def _app(settings: sets.ServeSettings, batch: int):
     """The app with ``batch`` as its max batch size: only ``user_config`` differs, so a redeploy reconfigures the
     running replica in place (same process, same model)."""
-    options = srv.deployment_options(settings)
+    options = sets.deployment_options(settings)
     options["user_config"] = {**options["user_config"], "max_batch_size": batch}
     return srv.MultiLabelClassifier.options(**options).bind(settings)
 
@@ -112,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = _save_model(os.path.join(tmp, "model"), args.model, args.size)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        settings = srv.ServeSettings.from_args({"model_dir": folder, "max_batch_size": args.batch,
+        settings = sets.ServeSettings.from_args({"model_dir": folder, "max_batch_size": args.batch,
                                                 "batch_wait_timeout_s": args.wait})
         url = f"http://127.0.0.1:{port}{srv.ROUTE}"
         images = _images(32)

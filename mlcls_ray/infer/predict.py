@@ -23,7 +23,7 @@ from mlcls_ray.devices import torch_device
 from mlcls_ray.infer.inputs import iter_inputs, printable
 from mlcls_ray.infer.predictor import Predictor
 
-__all__ = ["PREDICT_DIR", "PREDICT_RESULT", "result_name", "run_predict"]
+__all__ = ["PREDICT_DIR", "PREDICT_RESULT", "result_image_jpeg", "result_name", "run_predict"]
 
 PREDICT_DIR = "predict"
 PREDICT_RESULT = "predict_result.json"
@@ -38,12 +38,17 @@ def result_name(uri: str, where: str) -> str:
     return printable(posixpath.splitext(inside)[0])
 
 
+def result_image_jpeg(data: bytes, result: dict, max_pixels: int) -> bytes:
+    """The image with its labels and scores drawn below it: predict's ``<name>_res.jpg`` and Serve's
+    ``result.image``."""
+    shown = [f"{n} ({s:.2f})" for n, s in zip(result["label_names"], result["scores"])]
+    return demo_image_jpeg(decode_image(data, max_pixels), shown)
+
+
 def _save(out: str, name: str, result: dict, data: bytes | None, max_pixels: int) -> None:
     storage.write_text(storage.join(out, f"{name}_res.json"), json.dumps({"res": result}, ensure_ascii=False) + "\n")
     if data is not None:
-        shown = [f"{n} ({s:.2f})" for n, s in zip(result["label_names"], result["scores"])]
-        drawn = demo_image_jpeg(decode_image(data, max_pixels), shown)
-        storage.write_bytes(storage.join(out, f"{name}_res.jpg"), drawn)
+        storage.write_bytes(storage.join(out, f"{name}_res.jpg"), result_image_jpeg(data, result, max_pixels))
 
 
 def run_predict(cfg: Config) -> int:

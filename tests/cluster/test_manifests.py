@@ -276,7 +276,7 @@ def test_serve_config_validates_and_builds(name):
     from ray.serve.deployment import Application
     from ray.serve.schema import ServeDeploySchema
 
-    from mlcls_ray.infer.serve import ServeSettings
+    from mlcls_ray.infer.serve_settings import ServeSettings
 
     config = _serve_configs()[name]
     ServeDeploySchema.model_validate(config)  # raises on a bad field or value
@@ -302,7 +302,7 @@ def test_serve_config_validates_and_builds(name):
 def test_serve_validation_can_fail():
     from ray.serve.schema import ServeDeploySchema
 
-    from mlcls_ray.infer.serve import ServeSettings
+    from mlcls_ray.infer.serve_settings import ServeSettings
 
     from pydantic import ValidationError
 

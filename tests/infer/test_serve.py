@@ -25,6 +25,7 @@ from mlcls_ray.config import load_config
 from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.report import demo_image_jpeg
 from mlcls_ray.infer import serve as srv
+from mlcls_ray.infer import serve_settings as sets
 from mlcls_ray.infer.predictor import Predictor
 from tests.helpers import free_port
 
@@ -64,8 +65,8 @@ def served(ray_start_2_cpus, tiny_model):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    settings = srv.ServeSettings.from_args({"model_dir": tiny_model, **LIMITS})
-    options = srv.deployment_options(settings)
+    settings = sets.ServeSettings.from_args({"model_dir": tiny_model, **LIMITS})
+    options = sets.deployment_options(settings)
     options["ray_actor_options"]["runtime_env"] = {"env_vars": {LIMITS["auth_token_env"]: TOKEN}}
     app = srv.MultiLabelClassifier.options(**options).bind(settings)
     handle = serve.run(app, name="mlcls", route_prefix="/")
@@ -287,8 +288,8 @@ def test_concurrent_clients_are_batched(served):
 
 def test_settings_defaults_are_the_presets():
     cfg = load_config("ResNet50_ML", check_paths=False)
-    s = srv.settings_from_config(cfg)
-    defaults = srv.ServeSettings(model_dir=s.model_dir, device=s.device)
+    s = sets.settings_from_config(cfg)
+    defaults = sets.ServeSettings(model_dir=s.model_dir, device=s.device)
     assert s == defaults
     # Serve's own limits, not the dataset modes': a 100 KB PNG may not become 270 MB of pixels, 64 times a request
     assert s.max_image_pixels == 25_000_000 < cfg["Global.max_image_pixels"]
@@ -302,7 +303,7 @@ def test_build_app_args_are_checked():
     for words in ("model_dir is required", "'batchsize'", "max_batch_size='many'", "allow_urls='yes'", "device='tpu'",
                   "'http' is not a TCP port"):
         assert words in str(exc.value)
-    opts = srv.deployment_options(srv.ServeSettings.from_args({"model_dir": "m", "max_batch_size": "32",
+    opts = sets.deployment_options(sets.ServeSettings.from_args({"model_dir": "m", "max_batch_size": "32",
                                                                 "allow_urls": "true", "device": "gpu"}))
     assert opts["max_ongoing_requests"] == 64 and opts["ray_actor_options"]["num_gpus"] == 1
 
