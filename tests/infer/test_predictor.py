@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import torch
 from PIL import Image
 
 from mlcls_ray.data.images import decode_image, device_decodable
@@ -56,3 +57,18 @@ def test_device_decode_matches_the_cpu_path_and_falls_back(tiny_model):
     probs, _ = device.score_encoded(files)
     np.testing.assert_array_equal(probs[:6], device.probabilities(squares.numpy()[:6]))
     assert not probs[6:].any()
+
+
+def test_a_device_out_of_memory_decodes_that_batch_on_the_cpu(tiny_model, monkeypatch):
+    """nvJPEG out of memory (a batch of huge photos) must cost speed, not the job: the batch is decoded on the CPU."""
+    import torchvision.io
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    files = [_jpeg(size=(80, 50), seed=i) for i in range(3)]
+    expected, _ = Predictor(tiny_model).squares(files)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", out_of_memory)
+    squares, errors = Predictor(tiny_model, device_decode=True).squares(files)
+    assert errors == [None] * 3
+    np.testing.assert_array_equal(squares.numpy(), expected.numpy())  # decoded by the CPU path, exactly
