@@ -138,6 +138,8 @@ def _written(out: Path) -> int:
 
 def test_a_run_killed_midway_is_finished_by_the_rerun(tiny_model, tmp_path):
     source, out = _images(tmp_path / "in", 200), tmp_path / "out"
+    out.mkdir()
+    (out / "_SUCCESS").write_text("{}")  # a stale summary: a run that starts must withdraw it until it ends
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     args = [f"Label.model_dir={tiny_model}", f"Label.input={source}", f"Label.output={out}", "Global.device=cpu",
             "Label.batch_size=4", "Label.shard_size=6", "Global.mode=label"]
