@@ -18,9 +18,9 @@ import posixpath
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from email.utils import parsedate_to_datetime
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -284,6 +284,21 @@ def _condition_failed(exc: Exception) -> bool:
     return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404")
 
 
+def _s3_conditional(uri: str, verb: str, request: Callable[[Any, str, str], Any]) -> Any:
+    """``request(client, bucket, key)``; None where S3 refused its condition (or found no object), else its result.
+
+    Raises:
+        StorageError: any other failure, naming the object and what was being done.
+    """
+    client, bucket, key = _s3_key(uri)
+    try:
+        return request(client, bucket, key)
+    except Exception as exc:
+        if _condition_failed(exc):
+            return None
+        raise StorageError(f"{uri}: cannot {verb} ({type(exc).__name__}: {exc})") from exc
+
+
 def _local_version(path: str) -> str:
     st = os.stat(path)
     return f"{st.st_ino}:{st.st_mtime_ns}"
@@ -297,13 +312,8 @@ def create_new(uri: str, data: bytes) -> str | None:
     see the local file empty for the moment between its creation and its one write.
     """
     if is_remote(uri):
-        client, bucket, key = _s3_key(uri)
-        try:
-            return client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"]
-        except Exception as exc:
-            if _condition_failed(exc):
-                return None
-            raise StorageError(f"{uri}: cannot create ({type(exc).__name__}: {exc})") from exc
+        return _s3_conditional(uri, "create", lambda client, bucket, key: client.put_object(
+            Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")["ETag"])
     path = resolve(uri)[1]
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -327,16 +337,11 @@ def read_versioned(uri: str) -> tuple[bytes, str, float] | None:
     clocks disagree still agree on it; locally by this host's clock.
     """
     if is_remote(uri):
-        client, bucket, key = _s3_key(uri)
-        try:
+        def get(client: Any, bucket: str, key: str) -> tuple[bytes, str, float]:
             got = client.get_object(Bucket=bucket, Key=key)
-            data = got["Body"].read()
-        except Exception as exc:
-            if _condition_failed(exc):
-                return None
-            raise StorageError(f"{uri}: cannot read ({type(exc).__name__}: {exc})") from exc
-        now = parsedate_to_datetime(got["ResponseMetadata"]["HTTPHeaders"]["date"])
-        return data, got["ETag"], (now - got["LastModified"]).total_seconds()
+            now = parsedate_to_datetime(got["ResponseMetadata"]["HTTPHeaders"]["date"])
+            return got["Body"].read(), got["ETag"], (now - got["LastModified"]).total_seconds()
+        return _s3_conditional(uri, "read", get)
     path = resolve(uri)[1]
     try:
         with open(path, "rb") as f:
@@ -357,16 +362,13 @@ def replace_if(uri: str, data: bytes | None, version: str) -> str | None:
     replaced (renamed over) under an exclusive ``flock`` of ``<file>.lock``, which every local ``replace_if`` takes.
     """
     if is_remote(uri):
-        client, bucket, key = _s3_key(uri)
-        try:
-            if data is None:
+        if data is None:
+            def delete(client: Any, bucket: str, key: str) -> str:
                 client.delete_object(Bucket=bucket, Key=key, IfMatch=version)
                 return ""
-            return client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"]
-        except Exception as exc:
-            if _condition_failed(exc):
-                return None
-            raise StorageError(f"{uri}: cannot replace ({type(exc).__name__}: {exc})") from exc
+            return _s3_conditional(uri, "delete", delete)
+        return _s3_conditional(uri, "replace", lambda client, bucket, key: client.put_object(
+            Bucket=bucket, Key=key, Body=data, IfMatch=version)["ETag"])
     path = resolve(uri)[1]
     try:
         with open(f"{path}.lock", "a") as lock:  # one checker-and-writer at a time; the file itself is never absent
