@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 DEMO_DIR := demo_data
 DEMO_OUT := output/demo
 # a small timm backbone from scratch (no hub needed), two Ray Train workers on CPU, about ten minutes; the generic
-# recipe's defaults (from scratch) but a short warm-up and no EMA, which would still be near its random start
+# recipe's defaults (from scratch: constant rate, no warm-up) but no EMA, which would still be near its random start
 DEMO_MODEL := resnet18_ML
 DEMO_TRAIN := -o Global.dataset_dir=$(DEMO_DIR) -o Global.output=$(DEMO_OUT) -o Global.device=cpu \
 	-o Train.num_workers=2 -o Train.image_size=64 -o Train.batch_size=32 -o Train.epochs_iters=8 \
-	-o Train.warmup_steps=1 -o Train.augment=light -o Train.ema_decay=0
+	-o Train.augment=light -o Train.ema_decay=0
 
 .PHONY: demo demo-data test bench lock clean
 

@@ -97,6 +97,7 @@ def recipe_loop(model: str, root: Path, epochs: int, batch: int, lr: float, size
     names, train, val = _splits(root)
     return plain_train(model_spec(cfg, len(names)), str(root), train, val, epochs=epochs, batch_size=batch, lr=lr,
                        head_lr=cfg["Train.head_learning_rate"], warmup_epochs=cfg["Train.warmup_steps"],
+                       lr_scheduler=cfg["Train.lr_scheduler"],
                        weight_decay=cfg["Train.weight_decay"], loss=cfg["Train.loss"], threads=os.cpu_count())["map"]
 
 

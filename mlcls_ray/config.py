@@ -90,6 +90,8 @@ SCHEMA: dict[str, Key] = {
                                     min=0.0, max=1.0),
     "Train.pretrain_weight_path": Key(str, f"pretrained weights, {_PATH}", nullable=True),
     "Train.warmup_steps": Key(int, "warm-up epochs (PaddleX's name)", min=0),
+    "Train.lr_scheduler": Key(str, "the rate after the warm-up: cosine decay or constant",
+                              choices=("cosine", "constant")),
     "Train.resume_path": Key(str, f"checkpoint folder to resume from ({_PATH}), latest, or auto (latest if there "
                              "is one, else start afresh: for retried jobs)", nullable=True),
     "Train.log_interval": Key(int, "log every N steps", min=1),

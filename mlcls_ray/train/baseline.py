@@ -19,7 +19,7 @@ from mlcls_ray.data.transforms import ModelInput, TrainAugment, resize_square
 from mlcls_ray.metrics import mean_average_precision
 from mlcls_ray.models.loss import build_loss
 from mlcls_ray.models.zoo import ModelSpec, build_model
-from mlcls_ray.train.optim import build_optimizer, cosine_schedule
+from mlcls_ray.train.optim import build_optimizer, build_schedule
 
 __all__ = ["plain_train"]
 
@@ -30,6 +30,7 @@ def _decode(root: str, paths: list[str]) -> list[np.ndarray]:
 
 def plain_train(spec: ModelSpec, root: str, train: Manifest, val: Manifest, *, epochs: int, batch_size: int,
                 lr: float, head_lr: float | None = None, weight_decay: float = 1e-4, warmup_epochs: int = 0,
+                lr_scheduler: str = "cosine",
                 augment: str = "none", loss: str = "asl", seed: int = 0, threads: int | None = None) -> dict:
     """Train ``epochs`` epochs, reading and decoding each batch's files in this process as a ``DataLoader`` with
     ``num_workers=0`` would; returns ``{"map", "images_per_s", "seconds", "epoch_seconds"}``: training time and
@@ -43,7 +44,7 @@ def plain_train(spec: ModelSpec, root: str, train: Manifest, val: Manifest, *, e
     optimizer = build_optimizer(model, lr, lr if head_lr is None else head_lr, weight_decay)  # head: min(lr, cap)
     paths, labels = train.paths.to_pylist(), train.labels(np.arange(len(train)))
     steps = int(np.ceil(len(paths) / batch_size))
-    scheduler = cosine_schedule(optimizer, epochs, steps, warmup_epochs)
+    scheduler = build_schedule(optimizer, lr_scheduler, epochs, steps, warmup_epochs)
     criterion, transform = build_loss(loss), TrainAugment(augment, spec.image_size)
     to_input = ModelInput(spec.mean, spec.std)
     step, started, epoch_seconds = 0, time.perf_counter(), []

@@ -24,7 +24,7 @@ from mlcls_ray.models.loss import build_loss
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.precision import autocast_dtype, precision_name
 from mlcls_ray.train import checkpoint
-from mlcls_ray.train.optim import build_optimizer, cosine_schedule
+from mlcls_ray.train.optim import build_optimizer, build_schedule
 from mlcls_ray.train.progress import RunLog, hms
 from mlcls_ray.train.scoring import gather_rows, score_shard
 from mlcls_ray.train.selection import best_on_disk, select_best
@@ -68,7 +68,7 @@ def train_fn(config: dict) -> None:
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = build_optimizer(model, config["lr"], config["head_lr"], config["weight_decay"])
     epochs, steps = config["epochs"], config["steps_per_epoch"]
-    scheduler = cosine_schedule(optimizer, epochs, steps, config["warmup_epochs"])
+    scheduler = build_schedule(optimizer, config["lr_scheduler"], epochs, steps, config["warmup_epochs"])
     ema = make_ema(model, config["ema_decay"]) if config["ema_decay"] > 0 else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     criterion = build_loss(config["loss"])

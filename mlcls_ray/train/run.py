@@ -202,6 +202,7 @@ def _train(cfg: Config, output: str) -> int:
         "epochs": cfg["Train.epochs_iters"], "steps_per_epoch": steps, "batch_size": batch,
         "lr": cfg["Train.learning_rate"], "head_lr": cfg["Train.head_learning_rate"],
         "weight_decay": cfg["Train.weight_decay"], "warmup_epochs": cfg["Train.warmup_steps"],
+        "lr_scheduler": cfg["Train.lr_scheduler"],
         "ema_decay": cfg["Train.ema_decay"], "loss": cfg["Train.loss"], "precision": cfg["Train.precision"],
         "channels_last": cfg["Train.channels_last"],
         "log_interval": cfg["Train.log_interval"], "eval_interval": cfg["Train.eval_interval"],

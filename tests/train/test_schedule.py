@@ -1,11 +1,13 @@
-"""The learning-rate schedule: PaddleX's linear warm-up, then a cosine over the epochs that remain."""
+"""The learning-rate schedules: a linear warm-up, then PaddleX's cosine over the epochs that remain, or a constant
+rate (the generic recipe's, from scratch)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mlcls_ray.train.optim import cosine_schedule
+from mlcls_ray.config import load_config
+from mlcls_ray.train.optim import build_schedule, cosine_schedule
 
 
 def _rates(epochs: int, steps: int, warmup: int, base: float = 1e-3) -> list[float]:
@@ -30,3 +32,20 @@ def test_warm_up_reaches_the_base_rate_then_the_cosine_decays_from_it():
 def test_warm_up_longer_than_the_run_still_decays():
     rates = _rates(epochs=2, steps=5, warmup=5)
     assert max(rates) == pytest.approx(1e-3) and rates[-1] < 1e-6
+
+
+def test_constant_warms_up_then_holds_every_group_at_its_own_rate():
+    optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2e-3},
+                                   {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 2e-4}])  # backbone, head
+    schedule = build_schedule(optimizer, "constant", epochs=4, steps=5, warmup_epochs=1)
+    rates = []
+    for step in range(21):
+        schedule.step_update(step)
+        rates.append([g["lr"] for g in optimizer.param_groups])
+    assert rates[0] == pytest.approx([1e-6, 1e-6]) and rates[2][0] < 2e-3
+    assert all(r == pytest.approx([2e-3, 2e-4]) for r in rates[5:])
+
+
+def test_from_scratch_keeps_the_rate_and_the_presets_decay_it():
+    assert load_config("resnet18_ML", [], check_paths=False)["Train.lr_scheduler"] == "constant"
+    assert load_config("ResNet50_ML", [], check_paths=False)["Train.lr_scheduler"] == "cosine"

@@ -61,7 +61,7 @@ def test_one_ddp_step_equals_one_step_on_the_concatenated_batch(small, tmp_path)
     ViT), so per-rank batch statistics cannot differ from the whole batch's."""
     out = tmp_path / "ddp"
     assert _train("test_vit_ML", small, out, "Train.num_workers=2", "Train.batch_size=16", "Train.epochs_iters=1",
-                  "Train.warmup_steps=0", "Train.ema_decay=0") == 0
+                  "Train.warmup_steps=0", "Train.ema_decay=0", "Train.lr_scheduler=cosine") == 0
     trained = _state(out)["model"]
 
     spec = ModelSpec.from_dict(checkpoint.read_meta(latest_checkpoint(str(out)))["spec"])
@@ -103,6 +103,7 @@ def test_a_resumed_run_ends_with_the_weights_and_rates_of_an_uninterrupted_one(s
     end where the uninterrupted run does: it fails if the model, optimiser, EMA or schedule is not restored.
     Each epoch's recorded rate is the schedule's at that step: it fails if the loop does not step it."""
     common = ["Train.num_workers=1", "Train.batch_size=32", "Train.epochs_iters=4", "Train.warmup_steps=1",
+              "Train.lr_scheduler=cosine",
               "Train.ema_decay=0.5"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     assert _train("test_resnet_ML", small, whole, *common) == 0
