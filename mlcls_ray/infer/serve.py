@@ -196,12 +196,12 @@ class MultiLabelClassifier:
 
     def stats(self) -> dict:
         """Batch sizes seen (the latest 10,000), images labeled, errors by kind, the CPUs Ray gave the replica with
-        its torch threads, and how many decode threads have run, for tests and debugging."""
+        its torch threads, and the names of the threads that have decoded, for tests and debugging."""
         import torch
 
         return {"batch_sizes": list(self._batch_sizes), "images": self._images, "errors": dict(self._errors),
                 "cpus": self._cpus, "torch_threads": torch.get_num_threads(),
-                "decode_threads": len(self._decode_threads_seen)}
+                "decode_threads": sorted(self._decode_threads_seen)}
 
     @staticmethod
     async def _on(pool: ThreadPoolExecutor, fn: Callable, *args: Any) -> Any:

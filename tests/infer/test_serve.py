@@ -282,7 +282,8 @@ def test_concurrent_clients_are_batched(served):
     assert sum(sizes) == 64
     assert max(sizes) > 1 and max(sizes) <= LIMITS["max_batch_size"], sizes
     # 64 requests at once decoded on the replica's own bounded pool; torch on the CPUs Ray gave it, not the node's
-    assert 1 <= stats["decode_threads"] <= LIMITS["decode_threads"], stats
+    decoders = stats["decode_threads"]
+    assert 1 <= len(decoders) <= LIMITS["decode_threads"] and all(n.startswith("mlcls-decode") for n in decoders), stats
     assert stats["cpus"] == LIMITS["cpus_per_replica"] and stats["torch_threads"] == LIMITS["cpus_per_replica"]
 
 
