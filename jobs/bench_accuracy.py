@@ -92,8 +92,8 @@ def timm_loop(backbone: str, root: Path, epochs: int, batch: int, lr: float, siz
     return mean_average_precision(logits.numpy(), val.labels(np.arange(len(val))))
 
 
-def recipe_loop(model: str, root: Path, epochs: int, batch: int, lr: float, size: int) -> float:
-    cfg = load_config(model, [f"Train.image_size={size}"], check_paths=False)
+def recipe_loop(model: str, root: Path, epochs: int, batch: int, lr: float, size: int, opts: list[str]) -> float:
+    cfg = load_config(model, [*opts, f"Train.image_size={size}"], check_paths=False)
     names, train, val = _splits(root)
     return plain_train(model_spec(cfg, len(names)), str(root), train, val, epochs=epochs, batch_size=batch, lr=lr,
                        head_lr=cfg["Train.head_learning_rate"], warmup_epochs=cfg["Train.warmup_steps"],
@@ -101,13 +101,14 @@ def recipe_loop(model: str, root: Path, epochs: int, batch: int, lr: float, size
                        weight_decay=cfg["Train.weight_decay"], loss=cfg["Train.loss"], threads=os.cpu_count())["map"]
 
 
-def mlcls_run(model: str, root: Path, epochs: int, batch: int, lr: float, size: int, workers: int) -> float:
+def mlcls_run(model: str, root: Path, epochs: int, batch: int, lr: float, size: int, opts: list[str],
+              workers: int) -> float:
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as out:
         settings = [f"Global.dataset_dir={root}", f"Global.output={out}", "Global.mode=train", "Global.device=cpu",
                     f"Train.image_size={size}", f"Train.batch_size={batch // workers}", f"Train.num_workers={workers}",
                     f"Train.epochs_iters={epochs}", f"Train.learning_rate={lr}", "Train.pretrain_weight_path=None",
                     "Train.augment=None", "Train.ema_decay=0", f"Train.save_interval={epochs}",
-                    "Train.log_interval=1000"]
+                    "Train.log_interval=1000", *opts]
         if mlcls(["-c", model, *[a for s in settings for a in ("-o", s)]]) != 0:
             raise SystemExit("the Ray Train run failed")
         return float(model_dir.read_info(str(Path(out) / "best_model")).extra["score"])
@@ -123,6 +124,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global batch")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--data", default="bench_data")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting for recipe and mlcls, e.g. a preset with the from-scratch schedule: "
+                             "-o Train.lr_scheduler=constant -o Train.warmup_steps=0")
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = set(methods) - set(METHODS)
@@ -142,13 +146,14 @@ def main() -> None:
                 if method == "timm":
                     value = timm_loop(backbone, *common)
                 elif method == "recipe":
-                    value = recipe_loop(args.model, *common)
+                    value = recipe_loop(args.model, *common, args.override)
                 else:
-                    value = mlcls_run(args.model, *common, workers=int(method[-1]))
+                    value = mlcls_run(args.model, *common, args.override, workers=int(method[-1]))
                 base = value if method == "timm" else base
                 rows.append((name, lr, method, value, time.perf_counter() - started, base))
                 print(f"{name} lr {lr:g} {method}: mAP {value:.3f} in {rows[-1][4]:.0f} s", flush=True)
-    print(f"\n{args.model} ({backbone}) from scratch, {args.epochs} epochs, global batch {args.batch_size}, "
+    settings = " ".join(f"-o {o}" for o in args.override)
+    print(f"\n{args.model} ({backbone}) {settings} from scratch, {args.epochs} epochs, global batch {args.batch_size}, "
           f"{args.image_size} px, {os.cpu_count()} CPUs")
     print(f"{'set':8} {'lr':>7} {'method':9} {'val mAP':>8} {'vs timm':>8} {'wall s':>7}")
     for name, lr, method, value, seconds, base in rows:
