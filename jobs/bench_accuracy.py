@@ -153,8 +153,8 @@ def main() -> None:
                 rows.append((name, lr, method, value, time.perf_counter() - started, base))
                 print(f"{name} lr {lr:g} {method}: mAP {value:.3f} in {rows[-1][4]:.0f} s", flush=True)
     settings = " ".join(f"-o {o}" for o in args.override)
-    print(f"\n{args.model} ({backbone}) {settings} from scratch, {args.epochs} epochs, global batch {args.batch_size}, "
-          f"{args.image_size} px, {os.cpu_count()} CPUs")
+    print(f"\n{args.model} ({backbone}) {settings} from scratch, {args.epochs} epochs, "
+          f"global batch {args.batch_size}, {args.image_size} px, {os.cpu_count()} CPUs")
     print(f"{'set':8} {'lr':>7} {'method':9} {'val mAP':>8} {'vs timm':>8} {'wall s':>7}")
     for name, lr, method, value, seconds, base in rows:
         gap = f"{value - base:+.3f}" if base is not None and method != "timm" else ""
