@@ -180,6 +180,17 @@ def open_input(uri: str) -> pa.NativeFile:
         raise StorageError(f"{uri}: cannot read ({exc})") from exc
 
 
+def open_seekable(uri: str) -> pa.NativeFile:
+    """A readable file with random access, for formats read from their end (Parquet); one HEAD more on S3."""
+    fs, path = resolve(uri)
+    try:
+        return fs.open_input_file(path)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: file not found") from exc
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot read ({exc})") from exc
+
+
 def read_bytes(uri: str) -> bytes:
     try:
         with open_input(uri) as f:

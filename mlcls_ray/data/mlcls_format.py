@@ -44,7 +44,7 @@ _CHUNK = 32 << 20  # bytes of a list parsed at a time
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 _BLANKS = re.compile(r"[ \t]+")
 # A path the bulk parser leaves to the per-line one: padded, absolute, with a scheme or NUL, or not normalised.
-_ODD_PATH = r"^[ \t\r\f\v]|[ \t\r\f\v]$|^[/\\]|^[A-Za-z]:[\\/]|://|\x00|(^|/)\.\.?(/|$)|//|/$"
+ODD_PATH = r"^[ \t\r\f\v]|[ \t\r\f\v]$|^[/\\]|^[A-Za-z]:[\\/]|://|\x00|(^|/)\.\.?(/|$)|//|/$"
 _LABEL_LINE = re.compile(r"(-?\d+)(?:[ \t]+(.*))?")
 
 
@@ -245,7 +245,7 @@ def parse_list(data: bytes, file: str, num_classes: int, problems: ProblemSink, 
         utf8 = ~_not_utf8(paths)  # a path that is not UTF-8 goes to the per-line parser, which names it
         if not utf8.all():
             rows, vectors, paths = rows[utf8], vectors[utf8], paths.filter(pa.array(utf8))
-        plain = ~pc.match_substring_regex(paths, _ODD_PATH).to_numpy(zero_copy_only=False)
+        plain = ~pc.match_substring_regex(paths, ODD_PATH).to_numpy(zero_copy_only=False)
         rows, paths = rows[plain], paths.filter(pa.array(plain))
         packed = np.packbits(vectors[plain, ::2] - ord("0"), axis=1)
     else:

@@ -1,0 +1,81 @@
+"""The Parquet list format: rows read in bulk, problems named by file and row, ambiguity refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlcls_ray.data.parquet_lists import list_file, read_parquet_list, write_parquet_list
+from mlcls_ray.data.problems import Problem
+
+
+def _write(path, paths, labels, **columns) -> str:
+    pq.write_table(pa.table({"path": pa.array(paths, pa.string()),
+                             "labels": pa.array(labels, pa.list_(pa.int32())), **columns}), path)
+    return str(path)
+
+
+def _read(uri: str, num_classes: int) -> tuple[list[str], list[int], list[list[int]], list[Problem]]:
+    problems: list[Problem] = []
+    paths, rows, labels = [], [], []
+    for p, r, offsets, ids in read_parquet_list(uri, "train.parquet", num_classes, problems):
+        paths += p.to_pylist()
+        rows += r.tolist()
+        labels += [ids[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
+    return paths, rows, labels, problems
+
+
+def test_good_rows_come_back_with_sorted_ids_and_row_numbers(tmp_path):
+    uri = _write(tmp_path / "train.parquet", ["a.jpg", "d/b.jpg", "./c.jpg"], [[3, 0], [], [1]])
+    paths, rows, labels, problems = _read(uri, 4)
+    assert (paths, rows, labels, problems) == (["a.jpg", "d/b.jpg", "c.jpg"], [1, 2, 3], [[0, 3], [], [1]], [])
+
+
+def test_each_bad_row_is_named_by_row_and_left_out(tmp_path):
+    uri = _write(tmp_path / "train.parquet",
+                 ["ok.jpg", "../escape.jpg", "", "range.jpg", "twice.jpg", "null.jpg", "last.jpg"],
+                 [[1], [0], [0], [0, 7], [2, 2], None, [2]])
+    paths, rows, labels, problems = _read(uri, 4)
+    assert paths == ["ok.jpg", "last.jpg"] and rows == [1, 7] and labels == [[1], [2]]
+    found = {(p.line, p.kind): p.reason for p in problems}
+    assert set(found) == {(2, "unsafe_path"), (3, "bad_line"), (4, "bad_value"), (5, "bad_value"),
+                          (6, "no_label_field")}
+    assert "class id 7 is outside label.txt's 0..3" in found[4, "bad_value"]
+    assert "class id 2 appears twice" in found[5, "bad_value"]
+    assert all(p.file == "train.parquet" for p in problems)
+
+
+def test_a_file_without_the_columns_or_not_parquet_is_one_problem(tmp_path):
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"image": ["a.jpg"], "labels": [[0]]}), wrong)
+    not_parquet = tmp_path / "text.parquet"
+    not_parquet.write_text("a.jpg\t0,1\n")
+    for uri, words in ((wrong, "needs columns 'path'"), (not_parquet, "not a Parquet file")):
+        _, _, _, problems = _read(str(uri), 2)
+        assert len(problems) == 1 and problems[0].kind == "unreadable_file" and words in problems[0].reason
+
+
+def test_both_forms_of_a_split_are_refused(tmp_path):
+    problems: list[Problem] = []
+    assert list_file(str(tmp_path), "train", problems) == "train.txt"  # neither: the text list, reported missing
+    _write(tmp_path / "train.parquet", ["a.jpg"], [[0]])
+    assert list_file(str(tmp_path), "train", problems) == "train.parquet"
+    (tmp_path / "train.txt").write_text("a.jpg\t1,0\n")
+    assert list_file(str(tmp_path), "train", problems) is None
+    assert [p.kind for p in problems] == ["ambiguous_list"] and "train.txt and train.parquet" in problems[0].reason
+
+
+def test_written_lists_read_back_the_same(tmp_path):
+    offsets, ids = np.array([0, 2, 2, 3]), np.array([1, 5, 0])
+    uri = str(tmp_path / "val.parquet")
+    write_parquet_list(uri, pa.array(["x.jpg", "y.jpg", "z.jpg"]), offsets, ids)
+    paths, rows, labels, problems = _read(uri, 6)
+    assert (paths, labels, problems) == (["x.jpg", "y.jpg", "z.jpg"], [[1, 5], [], [0]], [])
+
+
+def test_row_numbers_continue_across_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr("mlcls_ray.data.parquet_lists._BATCH_ROWS", 2)
+    uri = _write(tmp_path / "train.parquet", ["a", "b", "../c", "d", "e"], [[0], [0], [0], [9], [1]])
+    paths, rows, _, problems = _read(uri, 2)
+    assert paths == ["a", "b", "e"] and rows == [1, 2, 5] and [p.line for p in problems] == [3, 4]
