@@ -3,6 +3,10 @@
 Each function works on ``[N, C]`` scores and multi-hot labels a block at a time (a few classes when it sorts, a few
 rows when it counts), so memory stays near 64 MB a block whatever N and C are; no Python loop runs per class or per
 row. Classes without a positive label are left out of every class average, as PaddleClas does.
+
+A class's AP, threshold and counts depend on its own column alone: blocks of classes scored by different
+processes concatenate into exactly the single-process result, and :func:`class_mean` and
+:func:`prf_from_counts` turn the concatenation into the averages.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from functools import partial
 
 import numpy as np
 
-__all__ = ["average_precision", "calibrate_thresholds", "cross_fitted_f1", "mean_average_precision",
-           "precision_recall_f1"]
+__all__ = ["average_precision", "calibrate_thresholds", "class_mean", "cross_fitted_counts", "cross_fitted_f1",
+           "mean_average_precision", "precision_recall_f1", "prf_counts", "prf_from_counts"]
 
 _BLOCK_BYTES = 64 << 20  # target size of one [classes, N] int64 block, or of one [rows, C] bool block
 
@@ -93,9 +97,14 @@ def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 
     Classes without positives are excluded, as PaddleClas does; NaN when no class has a positive.
     """
-    ap = average_precision(scores, labels)
-    ap = ap[~np.isnan(ap)]
-    return float(ap.mean()) if len(ap) else float("nan")
+    return class_mean(average_precision(scores, labels))
+
+
+def class_mean(values: np.ndarray) -> float:
+    """Mean of per-class values (``[C]``, NaN for a class without positives) over the classes that have one; NaN
+    when none has. The mAP of per-class APs computed a block of classes at a time, on any number of processes."""
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def _threshold_block(s: np.ndarray, tp: np.ndarray, end: np.ndarray, default: float) -> np.ndarray:
@@ -140,12 +149,10 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros(np.shape(num)), where=np.asarray(den) > 0)
 
 
-def precision_recall_f1(probs: np.ndarray, labels: np.ndarray, thresholds: float | np.ndarray,
-                        chunk_rows: int | None = None) -> dict[str, float]:
-    """Micro and macro precision, recall and F1 of the predictions ``probs > thresholds``.
-
-    Macro averages are over the classes with at least one positive (NaN when there is none), as for
-    :func:`mean_average_precision`; a ratio 0 / 0 counts as 0.
+def prf_counts(probs: np.ndarray, labels: np.ndarray, thresholds: float | np.ndarray,
+               chunk_rows: int | None = None) -> np.ndarray:
+    """Per-class counts of the predictions ``probs > thresholds``, which add up over rows (and concatenate over
+    classes) exactly, so row or class blocks can be counted apart and combined.
 
     Args:
         probs: ``[N, C]`` scores.
@@ -154,18 +161,32 @@ def precision_recall_f1(probs: np.ndarray, labels: np.ndarray, thresholds: float
         chunk_rows: rows compared at a time; by default as many as keep a ``[rows, C]`` bool block near 64 MB.
 
     Returns:
-        ``micro_precision``, ``micro_recall``, ``micro_f1``, ``macro_precision``, ``macro_recall``, ``macro_f1``.
+        ``[3, C]`` int64: true positives, predicted positives and positives of each class.
     """
     probs, labels = _check(probs, labels)
     n, c = probs.shape
     step = chunk_rows or max(1, _BLOCK_BYTES // max(c, 1))
-    tp, predicted, positives = np.zeros(c, np.int64), np.zeros(c, np.int64), np.zeros(c, np.int64)
+    counts = np.zeros((3, c), np.int64)
+    tp, predicted, positives = counts
     for start in range(0, n, step):
         pred = probs[start:start + step] > thresholds
         y = labels[start:start + step] != 0
         predicted += pred.sum(axis=0)
         positives += y.sum(axis=0)
         tp += np.logical_and(pred, y, out=pred).sum(axis=0)
+    return counts
+
+
+def prf_from_counts(counts: np.ndarray) -> dict[str, float]:
+    """Micro and macro precision, recall and F1 from :func:`prf_counts` ``[3, C]``.
+
+    Macro averages are over the classes with at least one positive (NaN when there is none), as for
+    :func:`mean_average_precision`; a ratio 0 / 0 counts as 0.
+
+    Returns:
+        ``micro_precision``, ``micro_recall``, ``micro_f1``, ``macro_precision``, ``macro_recall``, ``macro_f1``.
+    """
+    tp, predicted, positives = counts
     seen = positives > 0
     macro = (_ratio(tp, predicted)[seen], _ratio(tp, positives)[seen], _ratio(2 * tp, predicted + positives)[seen])
     macro_p, macro_r, macro_f1 = (float(m.mean()) if seen.any() else float("nan") for m in macro)
@@ -180,13 +201,26 @@ def precision_recall_f1(probs: np.ndarray, labels: np.ndarray, thresholds: float
     }
 
 
-def cross_fitted_f1(probs: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """:func:`precision_recall_f1` at calibrated thresholds, honestly: the rows are split in two halves at random,
+def precision_recall_f1(probs: np.ndarray, labels: np.ndarray, thresholds: float | np.ndarray,
+                        chunk_rows: int | None = None) -> dict[str, float]:
+    """Micro and macro precision, recall and F1 of the predictions ``probs > thresholds``: :func:`prf_from_counts`
+    of :func:`prf_counts` (see both for the arguments and the averages)."""
+    return prf_from_counts(prf_counts(probs, labels, thresholds, chunk_rows))
+
+
+def cross_fitted_counts(probs: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """:func:`prf_counts` ``[3, C]`` at calibrated thresholds, honestly: the rows are split in two halves at random,
     and each half is scored at the thresholds calibrated on the other. Thresholds scored on the rows they were
-    calibrated on report an optimistic F1, most of all for rare classes."""
+    calibrated on report an optimistic F1, most of all for rare classes. The halves depend only on N and the seed,
+    so blocks of classes of the same rows, in the same order, combine exactly."""
+    probs, labels = _check(probs, labels)
     first = np.random.default_rng(seed).permutation(len(probs)) < (len(probs) + 1) // 2
-    shifted = np.empty(probs.shape, np.float32)  # probs - t + 0.5 > 0.5 exactly when probs > t
+    counts = np.zeros((3, probs.shape[1]), np.int64)
     for part in (first, ~first):
-        thresholds = calibrate_thresholds(probs[~part], labels[~part])
-        shifted[part] = probs[part] - thresholds + np.float32(0.5)
-    return precision_recall_f1(shifted, labels, 0.5)
+        counts += prf_counts(probs[part], labels[part], calibrate_thresholds(probs[~part], labels[~part]))
+    return counts
+
+
+def cross_fitted_f1(probs: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """:func:`prf_from_counts` of :func:`cross_fitted_counts`."""
+    return prf_from_counts(cross_fitted_counts(probs, labels, seed))
