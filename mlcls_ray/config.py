@@ -69,6 +69,8 @@ SCHEMA: dict[str, Key] = {
     "Global.max_file_bytes": Key(int, "image files larger than this are rejected before they are read", min=1),
     "CheckDataset.convert.enable": Key(bool, "convert the dataset to MLClsDataset before checking"),
     "CheckDataset.convert.src_dataset_type": Key(str, "source format", nullable=True, choices=("COCO",)),
+    "CheckDataset.convert.list_format": Key(str, "the lists convert writes: txt (PaddleX's) or parquet (sparse)",
+                                            choices=("txt", "parquet")),
     "CheckDataset.split.enable": Key(bool, "re-split train/val with iterative stratification"),
     "CheckDataset.split.train_percent": Key(int, "train share in percent", nullable=True, min=1, max=99),
     "CheckDataset.split.val_percent": Key(int, "val share in percent", nullable=True, min=1, max=99),

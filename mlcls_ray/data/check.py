@@ -20,6 +20,7 @@ from mlcls_ray.data.convert import convert_coco
 from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.manifest import Manifest
 from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, drop_duplicates, read_dataset
+from mlcls_ray.data.parquet_lists import list_suffix, set_aside_other_form
 from mlcls_ray.data.pipeline import read_images
 from mlcls_ray.data.problems import Problem, ProblemLog
 from mlcls_ray.data.split import split_dataset
@@ -145,13 +146,14 @@ def run_check_dataset(cfg: Config) -> int:
 
 def _run(cfg: Config, root: str, output: str, problems: ProblemLog) -> int:
     convert, split = cfg["CheckDataset.convert.enable"], cfg["CheckDataset.split.enable"]
+    list_format = cfg["CheckDataset.convert.list_format"]
     with tempfile.TemporaryDirectory(prefix="mlcls-convert-") as scratch:
         source = root
         if convert:
             # converted lists that are about to be split go to a scratch folder first, so the dataset gets one
             # replacement: a repeated convert + split then finds the same lists and rewrites nothing
             source = scratch if split else root
-            if not convert_coco(root, problems, out=source):
+            if not convert_coco(root, problems, out=source, list_format=list_format):
                 return _finish(_write_result(root, output, problems, {}, {}), problems, output)
             print(f"converted COCO annotations in {root} to MLClsDataset lists")
         if split:
@@ -159,17 +161,19 @@ def _run(cfg: Config, root: str, output: str, problems: ProblemLog) -> int:
             if split_dataset(source, cfg["CheckDataset.split.train_percent"], seed, problems, out=root):
                 print(f"split {root} with iterative stratification (seed {seed}); lists it replaced are kept as .bak")
             elif source != root:
-                _install(source, root)  # keep the conversion, so the check below names what stopped the split
+                # keep the conversion, so the check below names what stopped the split
+                _install(source, root, list_suffix(list_format))
     result = check_dataset(root, output, cfg["Global.max_image_pixels"], cfg["Global.max_file_bytes"], problems)
     return _finish(result, problems, output)
 
 
-def _install(scratch: str, root: str) -> None:
+def _install(scratch: str, root: str, suffix: str) -> None:
     """Move converted lists from a scratch folder into the dataset, as one replacement."""
-    names = [LABEL_FILE, *(f"{s}.txt" for s in SPLITS)]
+    names = [LABEL_FILE, *(f"{s}{suffix}" for s in SPLITS)]
     with storage.replacing([storage.join(root, name) for name in names]) as staged:
         for name in names:
             storage.write_bytes(staged[storage.join(root, name)], storage.read_bytes(storage.join(scratch, name)))
+    set_aside_other_form(root, suffix, SPLITS)
 
 
 def _finish(result: dict, problems: ProblemLog, output: str) -> int:

@@ -8,8 +8,10 @@ rows.
 
 Images are looked for where PaddleX puts them (``images/<file_name>``) and where COCO 2017 does
 (``images/train2017/<file_name>`` or ``train2017/<file_name>`` for ``annotations/instances_train2017.json``).
-The annotation JSONs are only read; ``label.txt``, ``train.txt`` and ``val.txt`` are replaced together, the old
-ones kept as numbered ``.bak`` files.
+The lists are PaddleX's text lists, or with ``CheckDataset.convert.list_format=parquet`` the sparse Parquet lists
+(:mod:`mlcls_ray.data.parquet_lists`) that 20,000 classes need. The annotation JSONs are only read; ``label.txt``
+and the two lists are replaced together, the old ones kept as numbered ``.bak`` files, and a list in the other
+format is moved aside to its ``.bak`` too, so the folder never holds both forms of a split.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
+import pyarrow as pa
+
 from mlcls_ray import storage
 from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, format_label_file, format_line, unsafe_reason
+from mlcls_ray.data.parquet_lists import list_suffix, set_aside_other_form, write_parquet_list
 from mlcls_ray.data.problems import Problem, ProblemSink
 
-__all__ = ["convert_coco"]
+__all__ = ["LIST_FORMATS", "convert_coco"]
+
+LIST_FORMATS = ("txt", "parquet")
 
 _ANNOTATIONS = "annotations"
 _IMAGES = "images"
@@ -132,9 +140,11 @@ def _images(data: dict, rel: str, problems: ProblemSink) -> dict[int, str]:
     return images
 
 
-def _list_lines(data: dict, rel: str, index: dict[int, int], on_disk: set[str], problems: ProblemSink) -> list[str]:
+def _list_rows(data: dict, rel: str, index: dict[int, int], on_disk: set[str], problems: ProblemSink
+               ) -> list[tuple[str, list[int]]]:
+    """``(path, sorted class indices)`` of each image found on disk, in image id order."""
     images = _images(data, rel, problems)
-    labels = {image_id: [0] * len(index) for image_id in images}
+    labels: dict[int, set[int]] = {image_id: set() for image_id in images}
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             problems.append(Problem("bad_annotations", rel, None, f"annotations[{i}] = {ann!r:.200}: not an object"))
@@ -149,9 +159,9 @@ def _list_lines(data: dict, rel: str, index: dict[int, int], on_disk: set[str], 
                                     f"annotations[{i}] (id {ann.get('id')!r:.50}) has category_id {cat!r:.50}, "
                                     "not in 'categories'"))
         else:
-            labels[image_id][index[cat]] = 1
+            labels[image_id].add(index[cat])
     dirs = _image_dirs(rel)
-    lines = []
+    rows = []
     for image_id in sorted(images):
         name = images[image_id]
         path = next((p for p in (f"{d}/{name}" for d in dirs) if p in on_disk), None)
@@ -160,16 +170,32 @@ def _list_lines(data: dict, rel: str, index: dict[int, int], on_disk: set[str], 
                                     f"image id {image_id} is in the annotations but not in {', '.join(dirs)}/; "
                                     "left out", name))
             continue
-        lines.append(format_line(path, labels[image_id]))
-    return lines
+        rows.append((path, sorted(labels[image_id])))
+    return rows
+
+
+def _write_list(uri: str, rows: list[tuple[str, list[int]]], num_classes: int, list_format: str) -> None:
+    if list_format == "parquet":
+        offsets = np.cumsum([0] + [len(ids) for _, ids in rows], dtype=np.int64)
+        ids = np.array([i for _, row_ids in rows for i in row_ids], np.int32)
+        write_parquet_list(uri, pa.array([path for path, _ in rows], pa.string()), offsets, ids)
+        return
+    lines = []
+    for path, ids in rows:
+        vector = [0] * num_classes
+        for i in ids:
+            vector[i] = 1
+        lines.append(format_line(path, vector) + "\n")
+    storage.write_text(uri, "".join(lines))
 
 
 def _on_disk(root: str, dirs: set[str]) -> set[str]:
     return {f"{d}/{f}" for d in sorted(dirs) for f in storage.list_files(storage.join(root, d))}
 
 
-def convert_coco(root: str, problems: ProblemSink, out: str | None = None) -> bool:
-    """Write ``label.txt``, ``train.txt`` and ``val.txt`` from the COCO annotations under ``root/annotations``.
+def convert_coco(root: str, problems: ProblemSink, out: str | None = None, list_format: str = "txt") -> bool:
+    """Write ``label.txt`` and the train and val lists (``.txt``, or ``.parquet`` with ``list_format="parquet"``)
+    from the COCO annotations under ``root/annotations``.
 
     The lists go to ``out`` (default ``root``); their paths are relative to ``root`` either way. Returns whether the
     lists were written. Nothing is written when the annotations cannot be used (missing, not
@@ -195,12 +221,12 @@ def convert_coco(root: str, problems: ProblemSink, out: str | None = None) -> bo
     ids = sorted(cats["train"])
     index = {cat_id: i for i, cat_id in enumerate(ids)}
     on_disk = _on_disk(root, {d for rel, _ in found.values() for d in _image_dirs(rel)})
-    outputs = {LABEL_FILE: format_label_file([cats["train"][i] for i in ids])}
-    for s in SPLITS:
-        lines = _list_lines(loaded[s][0], found[s][0], index, on_disk, problems)
-        outputs[f"{s}.txt"] = "".join(line + "\n" for line in lines)
-    targets = {storage.join(out or root, name): text for name, text in outputs.items()}
-    with storage.replacing(list(targets)) as staged:
-        for target, text in targets.items():
-            storage.write_text(staged[target], text)
+    rows = {s: _list_rows(loaded[s][0], found[s][0], index, on_disk, problems) for s in SPLITS}
+    suffix, folder = list_suffix(list_format), out or root
+    label, lists = storage.join(folder, LABEL_FILE), {s: storage.join(folder, s + suffix) for s in SPLITS}
+    with storage.replacing([label, *lists.values()]) as staged:
+        storage.write_text(staged[label], format_label_file([cats["train"][i] for i in ids]))
+        for s in SPLITS:
+            _write_list(staged[lists[s]], rows[s], len(ids), list_format)
+    set_aside_other_form(folder, suffix, SPLITS)
     return True

@@ -23,7 +23,8 @@ from mlcls_ray import storage
 from mlcls_ray.data import mlcls_format  # the text lists' path rules (a module import: they import this one too)
 from mlcls_ray.data.problems import Problem, ProblemSink
 
-__all__ = ["PARQUET_SUFFIX", "list_file", "read_parquet_list", "write_parquet_list"]
+__all__ = ["PARQUET_SUFFIX", "list_file", "list_suffix", "read_parquet_list", "set_aside_other_form",
+           "write_parquet_list"]
 
 PARQUET_SUFFIX = ".parquet"
 _BATCH_ROWS = 1 << 18  # rows checked at a time: bounds the per-batch arrays whatever the row group size
@@ -42,6 +43,19 @@ def list_file(root: str, split: str, problems: ProblemSink) -> str | None:
                                 "other away (mlcls does not guess)"))
         return None
     return table
+
+
+def list_suffix(list_format: str) -> str:
+    """``.parquet`` for ``parquet``, ``.txt`` for PaddleX's text lists."""
+    return PARQUET_SUFFIX if list_format == "parquet" else ".txt"
+
+
+def set_aside_other_form(folder: str, suffix: str, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """After lists with ``suffix`` were written to ``folder``, move each split's list in the other form to its
+    numbered ``.bak``, so the folder never holds both forms of a split and nothing is deleted."""
+    other = ".txt" if suffix == PARQUET_SUFFIX else PARQUET_SUFFIX
+    for split in splits:
+        storage.backup(storage.join(folder, split + other))
 
 
 def _schema_problem(schema: pa.Schema) -> str | None:

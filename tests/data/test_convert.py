@@ -2,6 +2,7 @@
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from mlcls_ray.data.convert import convert_coco as _convert
@@ -178,3 +179,15 @@ def test_two_image_ids_for_one_file_and_a_multi_line_category_name_are_problems(
     problems, converted = convert_coco(str(dataset))
     assert not converted and {p.reason for p in problems} == {
         "categories[0] has name 'tooth\\nbrush': label.txt needs a one-line name"}
+
+
+def test_parquet_lists_hold_the_same_labels_and_the_text_lists_are_set_aside(dataset):
+    (dataset / "train.txt").write_text("old train\n")
+    problems = []
+    assert _convert(str(dataset), problems, list_format="parquet")
+    rows = {s: pq.read_table(dataset / f"{s}.parquet").to_pylist() for s in ("train", "val")}
+    assert rows["train"] == [{"path": "images/a.jpg", "labels": [0, 2]}, {"path": "images/b.jpg", "labels": [1]},
+                             {"path": "images/c.jpg", "labels": []}]
+    assert rows["val"] == [{"path": "images/v1.jpg", "labels": [1]}]
+    assert not (dataset / "train.txt").exists() and (dataset / "train.txt.bak").read_text() == "old train\n"
+    assert (dataset / "label.txt").read_text() == "0 person\n1 airplane\n2 toothbrush\n"
