@@ -26,7 +26,7 @@ from mlcls_ray.precision import autocast_dtype, precision_name
 from mlcls_ray.train import checkpoint
 from mlcls_ray.train.optim import build_optimizer, build_schedule
 from mlcls_ray.train.progress import RunLog, hms
-from mlcls_ray.train.scoring import gather_rows, score_shard
+from mlcls_ray.train.scoring import score_shard
 from mlcls_ray.train.selection import best_on_disk, select_best
 
 __all__ = ["RAY_REPORT_LOGGER", "make_ema", "train_fn"]
@@ -96,7 +96,7 @@ def train_fn(config: dict) -> None:
         best = best_on_disk(config["output"], best, config["run_name"], resumed=resume_from is not None)
     ddp_model = ray.train.torch.prepare_model(  # [ray] DDP when there is more than one worker
         model, parallel_strategy_kwargs={"gradient_as_bucket_view": True, "static_graph": True})
-    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None  # val gathers on CPU
+    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None  # val exchanges on CPU
 
     log = RunLog(config["output"], config["run_name"]) if rank == 0 else None
     if log is not None:
@@ -141,12 +141,10 @@ def train_fn(config: dict) -> None:
         last = epoch + 1 == epochs
         if (epoch + 1) % config["eval_interval"] == 0 or last:
             models = [model] + ([ema.module] if ema is not None else [])
-            local_logits, local_labels = score_shard(models, val_shard, to_input, device, config["batch_size"], amp,
-                                                     spec.num_classes)
-            gathered = [gather_rows(lg, cpu_group) for lg in local_logits]
-            labels = gather_rows(local_labels, cpu_group)
-            if rank == 0:
-                best = select_best(config, spec, record, gathered, labels, models, best, log)
+            val_logits, val_labels = score_shard(models, val_shard, to_input, device, config["batch_size"], amp,
+                                                 spec.num_classes)
+            best = select_best(config, spec, record, val_logits, val_labels, models, best, log, cpu_group)
+            del val_logits, val_labels  # this rank's val rows: freed before the next epoch's training
         history.append(record)
         if log is not None:
             _log_epoch(log, record, epochs, history, remaining=(epochs - epoch - 1) * (time.monotonic() - started))

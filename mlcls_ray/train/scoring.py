@@ -1,8 +1,10 @@
-"""Validation scores during training: every rank scores its share of the val stream, rank 0 gathers the rows.
+"""Validation scores during training: every rank scores its share of the val stream, then the ranks trade columns.
 
 Scores are fp32 logits (mAP on fp32, never on fp16 ties), kept on the device until the shard is done and copied to
-the host once; labels never leave the host. The gather runs over a gloo group on CPU tensors, so val scores never
-take GPU memory from the model.
+the host once. Then one all-to-all gives each rank its block of classes for every val row (:func:`to_class_block`),
+so each holds about N x C / world scores and computes its classes' metrics; only C numbers go to rank 0
+(:func:`gather_rows`). The exchanges run over a gloo group on CPU tensors, so val scores never take GPU memory from
+the model.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import torch.distributed as dist
 
 from mlcls_ray.data.transforms import ModelInput
 
-__all__ = ["gather_rows", "score_shard"]
+__all__ = ["broadcast_from_rank0", "class_block", "gather_rows", "score_shard", "sum_over_ranks",
+           "to_class_block"]
 
 
 def _sync_from_rank0(module: torch.nn.Module) -> None:
@@ -43,6 +46,54 @@ def score_shard(models: list[torch.nn.Module], shard, to_input: ModelInput, devi
         labels.append(batch["labels"].numpy())
     scores = [torch.cat(o).cpu().numpy() if o else np.zeros((0, num_classes), np.float32) for o in logits]
     return scores, np.concatenate(labels) if labels else np.zeros((0, num_classes), np.uint8)
+
+
+def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def class_block(num_classes: int, rank: int, world: int) -> slice:
+    """The classes a rank owns: contiguous, in rank order, sizes differing by at most one."""
+    return slice(rank * num_classes // world, (rank + 1) * num_classes // world)
+
+
+def sum_over_ranks(values: list[int], group: dist.ProcessGroup | None) -> list[int]:
+    """Element-wise sums of every rank's integers."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if _rank_world(group)[1] > 1:
+        dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def broadcast_from_rank0(value: int, group: dist.ProcessGroup | None) -> int:
+    """Rank 0's integer, on every rank."""
+    t = torch.tensor([value], dtype=torch.int64)
+    if _rank_world(group)[1] > 1:
+        dist.broadcast(t, src=0, group=group)
+    return int(t)
+
+
+def to_class_block(local: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarray:
+    """This rank's block of classes (:func:`class_block`) for every rank's rows: ``[n_r, C]`` on each rank in,
+    ``[N, C_r]`` out, rows in rank order, by one all-to-all (gloo implements ``all_to_all_single`` with uneven
+    splits). With one process, ``local`` itself."""
+    rank, world = _rank_world(group)
+    if world == 1:
+        return local
+    n, c = local.shape
+    rows = sum_over_ranks([n if r == rank else 0 for r in range(world)], group)
+    blocks = [class_block(c, r, world) for r in range(world)]
+    send = np.empty(n * c, local.dtype)  # [n, C_0] then [n, C_1]...: the rows for rank r, row-major
+    sent = [n * (b.stop - b.start) for b in blocks]
+    for b, start, size in zip(blocks, np.cumsum([0, *sent]), sent):
+        send[start:start + size].reshape(n, -1)[:] = local[:, b]
+    width = blocks[rank].stop - blocks[rank].start
+    out = torch.empty(sum(rows) * width, dtype=torch.from_numpy(local[:0]).dtype)
+    dist.all_to_all_single(out, torch.from_numpy(send), output_split_sizes=[r * width for r in rows],
+                           input_split_sizes=sent, group=group)
+    return out.numpy().reshape(sum(rows), width)  # each rank's [n_r, C_r] in turn: the rows in rank order
 
 
 def gather_rows(local: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarray | None:

@@ -3,14 +3,20 @@ divergence, checkpoint compatibility, the val split and the Ray logger it silenc
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from mlcls_ray import model_dir
+from mlcls_ray.metrics import calibrate_thresholds, mean_average_precision
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.precision import autocast_dtype
 from mlcls_ray.train import checkpoint
@@ -18,6 +24,7 @@ from mlcls_ray.train.loop import RAY_REPORT_LOGGER, make_ema
 from mlcls_ray.train.optim import build_optimizer
 from mlcls_ray.train.progress import RunLog
 from mlcls_ray.train.selection import select_best
+from tests.helpers import free_port
 
 
 def _spec(backbone: str = "test_resnet", **fields) -> ModelSpec:
@@ -78,6 +85,68 @@ def test_a_diverged_epoch_says_so_and_is_never_the_best(tmp_path):
     best = select_best(config, spec, record, [good.astype(np.float32)], labels, [model], None, log)
     assert best["score"] == pytest.approx(1.0) and model_dir.read_info(str(tmp_path / "best_model")).extra["epoch"] == 2
     log.close()
+
+
+def _val_epochs() -> tuple[list[list[np.ndarray]], np.ndarray]:
+    """Two epochs of raw and EMA val logits over 103 images and 7 classes: integer scores (ties), a class without
+    positives; in epoch 2 the raw weights diverge on one image and the EMA gets better."""
+    rng = np.random.default_rng(7)
+    labels = (rng.random((103, 7)) < 0.3).astype(np.uint8)
+    labels[:, 3] = 0
+    raw = np.round(labels + 1.2 * rng.standard_normal(labels.shape)).astype(np.float32)
+    ema = np.round(2 * labels + rng.standard_normal(labels.shape)).astype(np.float32)
+    diverged = raw.copy()
+    diverged[90, 5] = np.inf
+    return [[raw, ema], [diverged, 2 * ema + labels]], labels
+
+
+def _select_epochs(rank: int, world: int, port: int, output: str) -> None:
+    """Rank ``rank`` of ``world`` gloo processes (one process without a group) runs select_best on its share of the
+    val rows (60 and 43: uneven, as Ray's split may leave them), as the training loop does each epoch."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=120))  # a failed rank stops the other within the test
+    epochs, labels = _val_epochs()
+    rows = np.arange(len(labels)) if world == 1 else np.split(np.arange(len(labels)), [60])[rank]
+    spec = _spec(num_classes=labels.shape[1])
+    models = [build_model(spec)[0]] * 2
+    config = {"run_name": "r", "output": output, "label_names": list("abcdefg")}
+    log = RunLog(output, "r") if rank == 0 else None
+    best, records = None, []
+    for epoch, logits in enumerate(epochs, 1):
+        record = {"epoch": epoch}
+        best = select_best(config, spec, record, [lg[rows] for lg in logits], labels[rows], models, best, log)
+        records.append(record)
+    if log is not None:
+        log.close()
+        Path(output, "selected.json").write_text(json.dumps({"records": records, "best": best, "log": log.lines}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_class_sharded_selection_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """Each rank computes the AP and thresholds of its block of classes over every rank's rows: the mAPs, the
+    divergence count, the choice and the saved thresholds are those of one process holding every row, and equal
+    to the metrics of the whole matrix."""
+    _select_epochs(0, 1, 0, str(tmp_path / "one"))
+    port = free_port()
+    other = mp.get_context("spawn").Process(target=_select_epochs, args=(1, 2, port, str(tmp_path / "two")))
+    other.start()  # rank 1 in a fresh process; rank 0 here, where torch is already imported
+    _select_epochs(0, 2, port, str(tmp_path / "two"))
+    other.join()
+    assert other.exitcode == 0
+    one, two = (json.loads((tmp_path / d / "selected.json").read_text()) for d in ("one", "two"))
+    assert two["records"] == one["records"] and two["best"] == one["best"]  # json parses NaN to one object: equal
+    (raw, ema), labels = _val_epochs()[0][0], _val_epochs()[1]
+    assert one["records"][0]["map_raw"] == mean_average_precision(raw, labels)
+    assert one["records"][0]["map_ema"] == mean_average_precision(ema, labels)
+    assert np.isnan(one["records"][1]["map_raw"]) and one["best"] == {
+        "score": one["records"][1]["map_ema"], "epoch": 2, "weights": "ema", "run": "r"}
+    assert any("DIVERGED: the raw weights give NaN or inf scores for 1 of 103 val images" in line
+               for line in two["log"])
+    saved = [model_dir.read_info(str(tmp_path / d / "best_model")).thresholds for d in ("one", "two")]
+    probs = torch.from_numpy(_val_epochs()[0][1][1]).sigmoid().numpy()
+    assert saved[1] == saved[0] == [round(float(t), 6) for t in calibrate_thresholds(probs, labels)]
 
 
 def test_a_checkpoint_of_another_model_is_refused_before_training(tmp_path):
