@@ -1,4 +1,4 @@
-"""The one image Dataset: manifest rows in; decoded images, labels and error columns out, streamed by Ray Data.
+"""The one image Dataset: manifest rows in; decoded images, class ids and error columns out, streamed by Ray Data.
 
 Every mode reads images through :func:`read_images`. The check keeps the error columns and the sizes and drops the
 pixels; training maps its transforms over the pixels (Ray fuses the maps, so raw pixels never enter the object
@@ -12,6 +12,7 @@ the job; it becomes a row with ``error_kind`` and ``error_reason``, whatever the
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from collections import deque
@@ -72,8 +73,7 @@ def _read_file(fs: pafs.FileSystem, path: str, max_file_bytes: int) -> tuple[byt
         f, size = _open(fs, path)
         with f:
             if size > max_file_bytes:
-                return None, "file_too_large", (f"{size:,} bytes, over the limit of {max_file_bytes:,} "
-                                                "(raise Global.max_file_bytes)")
+                return _too_large(size, max_file_bytes)
             return f.read(), "", ""
     except FileNotFoundError:
         return None, "missing_image", "image file not found"
@@ -89,26 +89,43 @@ def _read(fs: pafs.FileSystem, root: str, real_root: str | None, max_file_bytes:
     return _read_file(fs, full, max_file_bytes)
 
 
-def _read_uri(max_file_bytes: int, uri: str | bytes) -> tuple[bytes | None, str, str]:
+def _too_large(size: int, max_file_bytes: int) -> tuple[None, str, str]:
+    return None, "file_too_large", f"{size:,} bytes, over the limit of {max_file_bytes:,} (raise Global.max_file_bytes)"
+
+
+def _read_uri(max_file_bytes: int, item: tuple[str | bytes, int]) -> tuple[bytes | None, str, str]:
+    uri, size = os.fsdecode(item[0]), int(item[1])
+    if storage.is_remote(uri):
+        try:
+            return storage.get_object(uri, max_file_bytes, size), "", ""
+        except storage.FileTooLargeError as exc:
+            return _too_large(exc.size, max_file_bytes)
+        except FileNotFoundError:
+            return None, "missing_image", "image file not found"
+        except Exception as exc:  # a storage error, an S3 URI without a bucket
+            return None, "unreadable_file", f"cannot read ({type(exc).__name__}: {exc})"
     try:
-        fs, path = storage.resolve(os.fsdecode(uri))
-    except Exception as exc:  # a bad scheme, an S3 URI without a bucket
+        fs, path = storage.resolve(uri)
+    except Exception as exc:  # a bad scheme
         return None, "unreadable_file", str(exc)
     return _read_file(fs, path, max_file_bytes)
 
 
-def fetch_files(uris: Iterable[str | bytes], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-                ) -> Iterator[tuple[bytes | None, str, str]]:
+def fetch_files(uris: Iterable[str | bytes], max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                sizes: Iterable[int] | None = None) -> Iterator[tuple[bytes | None, str, str]]:
     """``(data, error kind, reason)`` of each file (full URIs, any filesystem), in order, with the same read-ahead
     and size limit as :func:`read_images`; the kind is "" when the file was read, and no file's failure raises.
 
-    A URI may be ``bytes`` (a local name that is not UTF-8, exactly as the OS gave it); ``os.fsdecode`` turns it
-    into the surrogate-escaped ``str`` Python's file functions take."""
-    return _read_ahead(functools.partial(_read_uri, max_file_bytes), uris)
+    An ``s3://`` object is read with one GET (:func:`mlcls_ray.storage.get_object`); ``sizes``, the sizes a listing
+    gave (-1 where not known), refuse an object over the limit with no request at all. A URI may be ``bytes`` (a
+    local name that is not UTF-8, exactly as the OS gave it); ``os.fsdecode`` turns it into the surrogate-escaped
+    ``str`` Python's file functions take."""
+    return _read_ahead(functools.partial(_read_uri, max_file_bytes),
+                       zip(uris, itertools.repeat(-1) if sizes is None else sizes))
 
 
-def _read_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, root: str, image: str, num_classes: int,
-                max_pixels: int, max_file_bytes: int) -> dict[str, np.ndarray]:
+def _read_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, root: str, image: str, max_pixels: int,
+                max_file_bytes: int) -> dict[str, np.ndarray]:
     n = len(batch["index"])
     real_root = os.path.realpath(root) if isinstance(fs, pafs.LocalFileSystem) else None
     images = np.empty(n, dtype=object)
@@ -131,11 +148,10 @@ def _read_batch(batch: dict[str, np.ndarray], fs: pafs.FileSystem, root: str, im
         sizes[i] = rgb.shape[:2]
         if image == "rgb":
             images[i] = rgb
-    packed = np.frombuffer(b"".join(batch["labels"]), np.uint8).reshape(n, -1)
     out = {
         "index": batch["index"],
         "path": batch["path"],
-        "labels": np.unpackbits(packed, axis=1, count=num_classes),  # [n, C] uint8
+        "label_ids": batch["label_ids"],  # each row's class ids: labels.dense makes [n, C] where a consumer needs it
         "height": sizes[:, 0],
         "width": sizes[:, 1],
         "error_kind": kinds,
@@ -172,9 +188,10 @@ def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes",
             rows in a new random order; only manifest rows move (at most 10,000 per block), no image.
 
     Returns:
-        A dataset with one row per manifest row: ``index`` (the manifest row), ``path``, ``labels`` (``[C]``
-        uint8), ``height`` and ``width`` (0 unless decoded), ``error_kind`` and ``error_reason`` ("" for a good
-        image), and ``image`` unless ``image="none"`` (empty for a bad one). Rows come in no particular order.
+        A dataset with one row per manifest row: ``index`` (the manifest row), ``path``, ``label_ids`` (the row's
+        sorted class ids; :func:`mlcls_ray.data.labels.dense` turns a batch's into ``[n, C]``), ``height`` and
+        ``width`` (0 unless decoded), ``error_kind`` and ``error_reason`` ("" for a good image), and ``image`` unless
+        ``image="none"`` (empty for a bad one). Rows come in no particular order.
     """
     fs, fs_root = storage.resolve(root)
     blocks = manifest.to_blocks(_rows_per_block(len(manifest)))
@@ -183,8 +200,8 @@ def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes",
         rows = rows.randomize_block_order().map_batches(_permute_rows, batch_size=None, batch_format="pyarrow")
     return rows.map_batches(
         _read_batch,
-        fn_kwargs={"fs": fs, "root": fs_root.rstrip("/"), "image": image, "num_classes": manifest.num_classes,
-                   "max_pixels": max_pixels, "max_file_bytes": max_file_bytes},
+        fn_kwargs={"fs": fs, "root": fs_root.rstrip("/"), "image": image, "max_pixels": max_pixels,
+                   "max_file_bytes": max_file_bytes},
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=1,

@@ -10,8 +10,9 @@ train and every run gives another split. Here:
 - lines are copied verbatim, streamed, and both lists are replaced together (old or new, never a mix), the old
   ones kept as numbered ``.bak`` files.
 
-The stratification works on the bit-packed label matrix one label at a time, in bulk: memory stays at a few bytes
-per image, with no dense or float copy of the matrix.
+The stratification works on each image's class ids (CSR) and an index from each class to its rows, one label at a
+time, in bulk: memory stays at a few bytes per label, with no dense or float copy of the matrix, whether the manifest
+holds its labels as bits or as sets (the split is the same either way).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlcls_ray import storage
+from mlcls_ray.data.labels import csr_take, rows_by_class
 from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, copy_lines, drop_duplicates, read_dataset
 from mlcls_ray.data.problems import Problem, ProblemLog, ProblemSink
 
@@ -35,11 +37,6 @@ def split_sizes(n: int, train_percent: int) -> tuple[int, int]:
     return train, n - train
 
 
-def _column(packed: np.ndarray, label: int) -> np.ndarray:
-    """``[N]`` bool: which rows have one label, read from the packed bytes."""
-    return ((packed[:, label >> 3] >> (7 - (label & 7))) & 1).astype(bool)
-
-
 def _allocate(count: int, desire: np.ndarray, room: np.ndarray) -> np.ndarray:
     """Share ``count`` samples between subsets in proportion to their desire for a label, largest remainders first,
     never giving a subset more than the ``room`` it has left: that keeps every subset's final size exact."""
@@ -51,19 +48,17 @@ def _allocate(count: int, desire: np.ndarray, room: np.ndarray) -> np.ndarray:
     return alloc
 
 
-def _held(packed: np.ndarray, num_classes: int, empty: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def _held(offsets: np.ndarray, ids: np.ndarray, num_classes: int, empty: np.ndarray, rows: np.ndarray
+          ) -> np.ndarray:
     """``[C+1]`` int64 positives of each label, "no label" last, among some rows."""
     counts = np.zeros(num_classes + 1, np.int64)
-    step = max(1, (32 << 20) // max(num_classes, 1))
-    for start in range(0, len(rows), step):
-        chunk = rows[start:start + step]
-        counts[:-1] += np.unpackbits(packed[chunk], axis=1, count=num_classes).sum(axis=0, dtype=np.int64)
-        counts[-1] += int(empty[chunk].sum())
+    counts[:-1] = np.bincount(csr_take(offsets, ids, rows)[1], minlength=num_classes)
+    counts[-1] = int(empty[rows].sum())
     return counts
 
 
-def iterative_stratification(packed: np.ndarray, num_classes: int, sizes: tuple[int, ...], seed: int,
-                             rank: np.ndarray | None = None) -> np.ndarray:
+def iterative_stratification(offsets: np.ndarray, ids: np.ndarray, num_classes: int, sizes: tuple[int, ...],
+                             seed: int, rank: np.ndarray | None = None) -> np.ndarray:
     """Assign each sample of a multi-label set to a subset of an exact size, spreading every label evenly.
 
     The label with the fewest unassigned samples goes first; its samples are shared between the subsets in
@@ -72,7 +67,8 @@ def iterative_stratification(packed: np.ndarray, num_classes: int, sizes: tuple[
     than its size has room for, so the sizes come out exact.
 
     Args:
-        packed: ``[N, ceil(C / 8)]`` labels as ``np.packbits(y, axis=1)``.
+        offsets: ``[N + 1]`` CSR offsets of each sample's class ids (:meth:`Manifest.label_ids`).
+        ids: ``[nnz]`` the class ids.
         num_classes: C.
         sizes: samples per subset, summing to N.
         seed: seeds the sample order and every tie-break.
@@ -82,16 +78,14 @@ def iterative_stratification(packed: np.ndarray, num_classes: int, sizes: tuple[
     Returns:
         ``[N]`` int8 subset index per sample.
     """
-    n = len(packed)
+    n = len(offsets) - 1
     rng = np.random.default_rng(seed)
     priority = rng.permutation(n)  # the seeded "shuffle", over canonical positions
     if rank is not None:
         priority = priority[rank]
-    empty = np.ones(n, bool)
-    for byte in range(packed.shape[1]):
-        empty &= packed[:, byte] == 0
-    everyone = np.arange(n)
-    totals = _held(packed, num_classes, empty, everyone)  # [C+1]
+    empty = np.diff(offsets) == 0
+    starts, members = rows_by_class(offsets, ids, num_classes)  # each label's rows, ascending: no column unpacked
+    totals = np.append(np.diff(starts), empty.sum())  # [C+1]
     ratios = np.asarray(sizes, np.float64) / max(n, 1)
     want_label = np.outer(ratios, totals)  # [K, C+1] positives each subset still lacks
     room = np.asarray(sizes, np.int64)  # [K] samples each subset still lacks
@@ -100,15 +94,15 @@ def iterative_stratification(packed: np.ndarray, num_classes: int, sizes: tuple[
     while remaining.any():
         fewest = np.flatnonzero(remaining == remaining[remaining > 0].min())
         label = int(fewest[0] if len(fewest) == 1 else rng.choice(fewest))
-        has = empty if label == num_classes else _column(packed, label)
-        rows = np.flatnonzero(has & (assigned < 0))
+        rows = np.flatnonzero(empty) if label == num_classes else members[starts[label]:starts[label + 1]]
+        rows = rows[assigned[rows] < 0]
         rows = rows[np.argsort(priority[rows], kind="stable")]
         start = 0
         for subset, count in enumerate(_allocate(len(rows), want_label[:, label], room)):
             chosen = rows[start:start + count]
             start += count
             assigned[chosen] = subset
-            placed = _held(packed, num_classes, empty, chosen)
+            placed = _held(offsets, ids, num_classes, empty, chosen)
             want_label[subset] -= placed
             room[subset] -= count
             remaining -= placed
@@ -148,7 +142,7 @@ def split_dataset(root: str, train_percent: int, seed: int, problems: ProblemSin
     sizes = split_sizes(len(manifest), train_percent)
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))  # each row's place in path order: the split never sees the files' order
-    assigned = iterative_stratification(manifest.packed, manifest.num_classes, sizes, seed, rank)
+    assigned = iterative_stratification(*manifest.label_ids(), manifest.num_classes, sizes, seed, rank)
     out = out or root
     lists = [storage.join(out, f"{s}.txt") for s in SPLITS]
     label = [storage.join(out, LABEL_FILE)] if out != root else []

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -24,6 +25,7 @@ from mlcls_ray.models.loss import build_loss
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.precision import autocast_dtype, precision_name
 from mlcls_ray.train import checkpoint
+from mlcls_ray.train.data import TorchBatches
 from mlcls_ray.train.optim import build_optimizer, build_schedule
 from mlcls_ray.train.progress import RunLog, hms
 from mlcls_ray.train.scoring import score_shard
@@ -109,8 +111,8 @@ def train_fn(config: dict) -> None:
         torch.manual_seed(config["seed"] + 1000 * epoch + rank)  # dropout masks differ by rank; a resume replays
         ddp_model.train()
         started, seen, loss_sum, i = time.monotonic(), 0, torch.zeros((), device=device), -1
-        batches = train_shard.iter_torch_batches(  # [ray]
-            batch_size=config["batch_size"], dtypes={"image": torch.uint8, "labels": torch.float32}, device=device,
+        batches = train_shard.iter_torch_batches(  # [ray] the dense target is built per batch, on this worker
+            batch_size=config["batch_size"], collate_fn=TorchBatches(spec.num_classes, np.float32), device=device,
             prefetch_batches=4, pin_memory=device.type == "cuda")
         for i, batch in enumerate(batches):
             x = to_input(batch["image"])  # [B, 3, S, S]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mlcls_ray.data.transforms import ModelInput
+from mlcls_ray.train.data import TorchBatches
 
 __all__ = ["broadcast_from_rank0", "class_block", "gather_rows", "score_shard", "sum_over_ranks",
            "to_class_block"]
@@ -37,8 +38,9 @@ def score_shard(models: list[torch.nn.Module], shard, to_input: ModelInput, devi
         m.eval()
     logits: list[list[torch.Tensor]] = [[] for _ in models]
     labels = []
-    for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8,  # [ray]
-                                                                          "labels": torch.uint8}):
+    # [ray] labels stay on the host, dense uint8 [B, C] per batch
+    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=TorchBatches(num_classes, np.uint8),
+                                          device="cpu"):
         x = to_input(batch["image"].to(device, non_blocking=True))
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             for out, m in zip(logits, models):

@@ -21,7 +21,9 @@ def imbalanced_labels(n=3000, c=12, seed=0):
 
 
 def stratify(y, sizes, seed=0):
-    return iterative_stratification(np.packbits(y, axis=1), y.shape[1], sizes, seed)
+    rows, ids = np.nonzero(y)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(y)))])
+    return iterative_stratification(offsets, ids.astype(np.uint16), y.shape[1], sizes, seed)
 
 
 def test_each_class_keeps_its_rate_in_val():
