@@ -27,17 +27,21 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 __all__ = [
+    "FileTooLargeError",
     "StorageError",
     "aws_settings",
     "backup",
     "create_new",
     "delete",
+    "delete_dir",
     "exists",
+    "get_object",
     "is_dir",
     "is_remote",
     "iter_files",
     "join",
     "list_files",
+    "list_level",
     "open_input",
     "open_output",
     "read_bytes",
@@ -61,6 +65,14 @@ _ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_RE
 
 class StorageError(OSError):
     """A storage operation failed; the message names the URI and the reason."""
+
+
+class FileTooLargeError(StorageError):
+    """A file is over the size limit of the read; ``size`` is its size in bytes."""
+
+    def __init__(self, uri: str, size: int, limit: int):
+        super().__init__(f"{uri}: {size:,} bytes, over the limit of {limit:,}")
+        self.size = size
 
 
 def is_remote(uri: str) -> bool:
@@ -201,6 +213,42 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"{uri}: cannot read ({exc})") from exc
 
 
+def get_object(uri: str, max_bytes: int, size: int = -1) -> bytes:
+    """An ``s3://`` object's bytes with one request: a GET, with no HEAD before it (pyarrow's ``open_input_file``
+    and ``open_input_stream`` both ask for the size first, doubling the requests of a bulk read).
+
+    Args:
+        max_bytes: the most bytes taken; a larger object is refused.
+        size: the object's size as a listing gave it (-1: not known): over ``max_bytes``, it is refused with no
+            request at all. Otherwise the GET's ``Content-Length`` is checked before the body is read, and the body
+            is read to at most one byte past the limit.
+
+    Raises:
+        FileTooLargeError: over ``max_bytes``.
+        FileNotFoundError: no such object.
+        StorageError: any other failure.
+    """
+    if size > max_bytes:
+        raise FileTooLargeError(uri, size, max_bytes)
+    client, bucket, key = _s3_key(uri)
+    try:
+        got = client.get_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        if getattr(exc, "response", {}).get("Error", {}).get("Code", "") in ("NoSuchKey", "404"):
+            raise FileNotFoundError(f"{uri}: file not found") from exc
+        raise StorageError(f"{uri}: cannot read ({type(exc).__name__}: {exc})") from exc
+    with contextlib.closing(got["Body"]) as body:
+        if got["ContentLength"] > max_bytes:
+            raise FileTooLargeError(uri, got["ContentLength"], max_bytes)
+        try:
+            data = body.read(max_bytes + 1)
+        except Exception as exc:
+            raise StorageError(f"{uri}: cannot read ({type(exc).__name__}: {exc})") from exc
+    if len(data) > max_bytes:
+        raise FileTooLargeError(uri, len(data), max_bytes)
+    return data
+
+
 def read_text(uri: str) -> str:
     data = read_bytes(uri)
     try:
@@ -278,15 +326,33 @@ def delete(uri: str) -> None:
         raise StorageError(f"{uri}: cannot delete ({exc})") from exc
 
 
-def _s3_key(uri: str) -> tuple[object, str, str]:
-    """A boto3 client for the URI's bucket (the same AWS variables as :func:`resolve`), the bucket and the key."""
+def delete_dir(uri: str) -> None:
+    """Delete a folder (an S3 prefix) and everything below it, if it exists."""
+    fs, path = resolve(uri)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot delete ({exc})") from exc
+
+
+@functools.lru_cache(maxsize=256)
+def _s3_client(bucket: str, env: tuple) -> Any:
+    """A boto3 client for a bucket (the same AWS variables as :func:`resolve`), one per process: clients are
+    thread-safe, and each comes from its own session, as boto3's default session is not."""
     import boto3
 
+    values = dict(zip(_ENV, env))
+    endpoint = values["AWS_ENDPOINT_URL_S3"] or values["AWS_ENDPOINT_URL"]
+    region = values["AWS_REGION"] or values["AWS_DEFAULT_REGION"] or _bucket_region(bucket, env)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region)
+
+
+def _s3_key(uri: str) -> tuple[Any, str, str]:
+    """The boto3 client for the URI's bucket, the bucket and the key."""
     bucket, _, key = resolve(uri)[1].partition("/")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or \
-        _bucket_region(bucket, tuple(os.environ.get(k) for k in _ENV))
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region), bucket, key
+    return _s3_client(bucket, tuple(os.environ.get(k) for k in _ENV)), bucket, key
 
 
 def _condition_failed(exc: Exception) -> bool:
@@ -488,6 +554,36 @@ def _walk_local(root: str) -> Iterator[str]:
             yield entry.path
 
 
+def list_level(uri: str, token: str | None = None, max_keys: int = 1000
+               ) -> tuple[list[str], list[int], list[str], str | None]:
+    """One page (up to ``max_keys`` entries; S3 gives 1,000 at most) of an ``s3://`` prefix listed one level deep
+    (``Delimiter="/"``).
+
+    Args:
+        uri: the prefix, taken exactly as given (a sub-prefix this returned may end in ``//``); a trailing ``/``
+            is implied.
+        token: the continuation token of the page before, or None for the first.
+
+    Returns:
+        ``(keys, sizes, folders, token)``: the page's objects directly below the prefix (full URIs, in key order,
+        folder markers left out) and their sizes, its sub-prefixes (full URIs ending in ``/``, in key order), and
+        the token of the next page (None after the last).
+    """
+    bucket, _, prefix = uri.split("://", 1)[1].partition("/")  # exactly: a sub-prefix may end in `//`
+    prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    client = _s3_client(bucket, tuple(os.environ.get(k) for k in _ENV))
+    kwargs = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": max_keys,
+              **({"ContinuationToken": token} if token else {})}
+    try:
+        page = client.list_objects_v2(**kwargs)
+    except Exception as exc:
+        raise StorageError(f"{uri}: cannot list ({type(exc).__name__}: {exc})") from exc
+    items = [i for i in page.get("Contents", ()) if not i["Key"].endswith("/")]
+    return ([f"s3://{bucket}/{i['Key']}" for i in items], [i["Size"] for i in items],
+            [f"s3://{bucket}/{p['Prefix']}" for p in page.get("CommonPrefixes", ())],
+            page.get("NextContinuationToken") if page.get("IsTruncated") else None)
+
+
 def iter_files(uri: str) -> Iterator[str]:
     """Every file below a folder or prefix, recursively, as full URIs (absolute paths locally), streamed: memory
     stays flat whatever the count. Order is stable between runs: by name locally, S3's key order on S3.
@@ -498,15 +594,8 @@ def iter_files(uri: str) -> Iterator[str]:
     if not is_remote(uri):
         yield from _walk_local(os.path.abspath(os.path.expanduser(uri)))
         return
-    import boto3
-
-    path = resolve(uri)[1]
-    bucket, _, prefix = path.partition("/")
+    client, bucket, prefix = _s3_key(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or \
-        _bucket_region(bucket, tuple(os.environ.get(k) for k in _ENV))
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=region)
     try:
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for item in page.get("Contents", ()):
