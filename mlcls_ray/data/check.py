@@ -19,16 +19,18 @@ from mlcls_ray.data import report
 from mlcls_ray.data.convert import convert_coco
 from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.manifest import Manifest
-from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, drop_duplicates, read_dataset
+from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, drop_duplicates, read_dataset, split_rows
 from mlcls_ray.data.parquet_lists import list_suffix, set_aside_other_form
 from mlcls_ray.data.pipeline import read_images
 from mlcls_ray.data.problems import Problem, ProblemLog
 from mlcls_ray.data.split import split_dataset
 
-__all__ = ["ERRORS_FILE", "MAX_ERRORS_IN_RESULT", "RESULT_FILE", "check_dataset", "run_check_dataset"]
+__all__ = ["CLASS_COUNTS_FILE", "ERRORS_FILE", "MAX_ERRORS_IN_RESULT", "RESULT_FILE", "check_dataset",
+           "run_check_dataset"]
 
 RESULT_FILE = "check_dataset_result.json"
 ERRORS_FILE = "check_dataset/errors.jsonl"  # every problem, one JSON object a line, sorted by file and line
+CLASS_COUNTS_FILE = "check_dataset/class_counts.csv"  # every class's images per split: the JSON lists at most 200
 MAX_ERRORS_IN_RESULT = 10_000  # the result JSON keeps the first ones; a bad 100M-image dataset stays readable
 NUM_DEMO_IMAGES = 10  # per split, as PaddleX
 _DEMO_SEED = 123  # PaddleX's
@@ -95,7 +97,7 @@ def check_dataset(root: str, output: str, max_pixels: int, max_file_bytes: int, 
     manifest = drop_duplicates(manifest, problems)
     good, sizes = _decode_all(manifest, root, max_pixels, max_file_bytes, problems)
 
-    splits = {s: manifest.rows_of(f"{s}.txt") for s in SPLITS}
+    splits = {s: split_rows(manifest, s) for s in SPLITS}
     attributes = {
         "label_file": _label_file_ref(root, output),
         "num_classes": len(names) if names else 0,
@@ -111,8 +113,11 @@ def check_dataset(root: str, output: str, max_pixels: int, max_file_bytes: int, 
         counts = {s: manifest.class_counts(rows) for s, rows in splits.items()}
         storage.write_bytes(storage.join(out_check, "histogram.png"),
                             report.histogram_png(names, counts["train"], counts["val"]))
-        storage.write_bytes(storage.join(out_check, "cooccurrence.png"), report.cooccurrence_png(names, manifest))
+        storage.write_bytes(storage.join(output, CLASS_COUNTS_FILE), report.class_counts_csv(names, counts))
+        heatmap, pairs = report.cooccurrence(names, manifest)
+        storage.write_bytes(storage.join(out_check, "cooccurrence.png"), heatmap)
         analysis = {"histogram": "check_dataset/histogram.png", "cooccurrence": "check_dataset/cooccurrence.png",
+                    "class_counts_file": CLASS_COUNTS_FILE, "top_cooccurring_pairs": pairs,
                     **report.label_stats(names, manifest, splits)}
     analysis["image_sizes"] = sizes.summary()
     return _write_result(root, output, problems, attributes, analysis)

@@ -1,7 +1,13 @@
-"""The check_dataset report: label statistics, the histogram and co-occurrence plots, and the demo images."""
+"""The check_dataset report: label statistics, the histogram and co-occurrence plots, and the demo images.
+
+Everything stays bounded at 20,000 classes: every class's counts go to a CSV file, while the JSON, the plots and the
+co-occurrence name the head and the tail, and co-occurrence is counted only among the most frequent classes (never
+a C x C matrix).
+"""
 
 from __future__ import annotations
 
+import csv
 import io
 import textwrap
 
@@ -15,12 +21,16 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from mlcls_ray.data.manifest import Manifest  # noqa: E402
 
-__all__ = ["SizeStats", "cooccurrence_png", "demo_image_jpeg", "figure_png", "histogram_png", "label_stats"]
+__all__ = ["SizeStats", "class_counts_csv", "cooccurrence", "demo_image_jpeg", "figure_png", "histogram_png",
+           "label_stats"]
 
 _DEMO_MIN_WIDTH = 256  # demo images of tiny datasets are upscaled so their label strip stays readable
 _DEMO_MAX_SIDE = 2048  # and large or extreme ones shrunk to this
-HISTOGRAM_CLASSES = 150  # bars drawn at most
+HISTOGRAM_CLASSES = 150  # bars drawn at most: past this, the most and the least frequent halves
 HEATMAP_CLASSES = 60  # rows and columns drawn at most
+PAIR_CLASSES = 100  # co-occurring pairs are counted among this many of the most frequent classes
+TOP_PAIRS = 20  # pairs listed
+REPORT_CLASSES = 200  # classes listed one by one in the JSON at most: past this, the head and the tail
 
 
 def figure_png(fig: plt.Figure, dpi: float | None = None) -> bytes:
@@ -35,35 +45,87 @@ def _shown(total: int, limit: int) -> str:
     return f" ({limit} most frequent of {total} classes)" if total > limit else ""
 
 
+def _head_and_tail(order: np.ndarray, limit: int) -> np.ndarray:
+    """The first and last ``limit // 2`` of an order, or all of it when it is no longer than ``limit``."""
+    return order if len(order) <= limit else np.concatenate([order[:limit // 2], order[-(limit // 2):]])
+
+
 def histogram_png(names: list[str], train: np.ndarray, val: np.ndarray) -> bytes:
     """Images per class, train and val side by side, sorted by train count (PaddleX's plot).
 
-    Past :data:`HISTOGRAM_CLASSES` classes only the most frequent are drawn, so the figure stays readable and its
-    memory stays bounded; the JSON report has every count.
+    Past :data:`HISTOGRAM_CLASSES` classes the most frequent half and the least frequent half are drawn, either
+    side of a dashed line, so the figure stays readable and its memory bounded; ``class_counts.csv`` has every count.
     """
-    order = np.argsort(-train, kind="stable")[:HISTOGRAM_CLASSES]
+    order = _head_and_tail(np.argsort(-train, kind="stable"), HISTOGRAM_CLASSES)
     x = np.arange(len(order))
     fig, ax = plt.subplots(figsize=(max(8, len(order) / 5), 5), dpi=150)
     ax.bar(x - 0.2, train[order], width=0.4, label="train")
     ax.bar(x + 0.2, val[order], width=0.4, label="val")
     ax.set_xticks(x, [names[i] for i in order], rotation=90 if len(order) > 10 else 0)
     ax.set_ylabel("images")
-    ax.set_title("Images per class" + _shown(len(names), HISTOGRAM_CLASSES))
+    title = "Images per class"
+    if len(names) > HISTOGRAM_CLASSES:
+        ax.axvline(HISTOGRAM_CLASSES // 2 - 0.5, color="grey", linestyle="--")
+        title += (f" ({HISTOGRAM_CLASSES // 2} most and {HISTOGRAM_CLASSES // 2} least frequent of {len(names):,} "
+                  "classes; every count in class_counts.csv)")
+    ax.set_title(title)
     ax.legend()
     return figure_png(fig)
 
 
-def cooccurrence_png(names: list[str], manifest: Manifest) -> bytes:
-    """Heatmap of P(column | row): how often class j is present when class i is, over all images.
+def class_counts_csv(names: list[str], counts: dict[str, np.ndarray]) -> bytes:
+    """``id,name,<split>,...``: every class's images per split, one row a class."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["id", "name", *counts])
+    writer.writerows([i, n, *(int(c[i]) for c in counts.values())] for i, n in enumerate(names))
+    return out.getvalue().encode()
 
-    Past :data:`HEATMAP_CLASSES` classes only the most frequent are drawn. Counted chunk by chunk.
+
+def _pair_counts(manifest: Manifest, classes: np.ndarray) -> np.ndarray:
+    """``[K, K]`` int64 images that have both classes, among ``classes``; the diagonal is each class's count.
+
+    Counted from each row's ids a chunk of rows at a time, as a product of ``[n, K]`` 0/1 chunks (exact in float32).
     """
-    keep = np.sort(np.argsort(-manifest.class_counts(), kind="stable")[:HEATMAP_CLASSES])
-    both = np.zeros((len(keep), len(keep)), np.int64)  # [K, K]
-    for y in manifest.iter_labels():
-        part = y[:, keep].astype(np.float32)  # [n, K]; a chunk's counts are exact in float32
+    slot = np.full(manifest.num_classes, -1, np.int64)
+    slot[classes] = np.arange(len(classes))
+    both = np.zeros((len(classes), len(classes)), np.int64)
+    step = max(1, (32 << 20) // (4 * max(len(classes), 1)))
+    for start in range(0, len(manifest), step):
+        offsets, ids = manifest.label_ids(slice(start, start + step))
+        kept = slot[ids]
+        rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[kept >= 0]
+        part = np.zeros((len(offsets) - 1, len(classes)), np.float32)  # [n, K]
+        part[rows, kept[kept >= 0]] = 1
         both += np.rint(part.T @ part).astype(np.int64)
-    cond = both / np.maximum(np.diag(both)[:, None], 1)
+    return both
+
+
+def cooccurrence(names: list[str], manifest: Manifest) -> tuple[bytes, dict]:
+    """The heatmap of P(column | row) over the :data:`HEATMAP_CLASSES` most frequent classes, and the
+    :data:`TOP_PAIRS` pairs of classes found together on the most images.
+
+    Pairs are counted among the :data:`PAIR_CLASSES` most frequent classes. No pair with a rarer class can have
+    more images than that class has, so the list is ``exact`` when the next class is no more frequent than the last
+    pair listed.
+    """
+    totals = manifest.class_counts()
+    by_count = np.argsort(-totals, kind="stable")
+    frequent = by_count[:PAIR_CLASSES]
+    both = _pair_counts(manifest, frequent)  # [K, K], classes by falling frequency
+    upper = np.triu(both, 1)
+    best = np.argsort(-upper, axis=None, kind="stable")[:TOP_PAIRS]
+    pairs = [{"a": names[frequent[i]], "b": names[frequent[j]], "images": int(upper[i, j]),
+              "p_b_given_a": round(float(upper[i, j] / both[i, i]), 4),
+              "p_a_given_b": round(float(upper[i, j] / both[j, j]), 4)}
+             for i, j in zip(*np.unravel_index(best, upper.shape)) if upper[i, j] > 0]
+    rarer = int(totals[by_count[PAIR_CLASSES]]) if len(by_count) > PAIR_CLASSES else 0  # the next class's images
+    floor = pairs[-1]["images"] if len(pairs) == TOP_PAIRS else 0
+    top = {"pairs": pairs, "counted_among": f"the {len(frequent)} most frequent classes", "exact": rarer <= floor}
+
+    heat = np.argsort(frequent[:HEATMAP_CLASSES], kind="stable")  # the most frequent, drawn in class id order
+    keep, counts = frequent[heat], both[np.ix_(heat, heat)]
+    cond = counts / np.maximum(np.diag(counts)[:, None], 1)
     shown = [names[i] for i in keep]
     size = max(6, len(shown) / 3)
     fig, ax = plt.subplots(figsize=(size, size), dpi=150)
@@ -74,7 +136,7 @@ def cooccurrence_png(names: list[str], manifest: Manifest) -> bytes:
     ax.set_ylabel("class i")
     ax.set_title("Label co-occurrence: P(j | i)" + _shown(len(names), HEATMAP_CLASSES))
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return figure_png(fig)
+    return figure_png(fig), top
 
 
 def demo_image_jpeg(rgb: np.ndarray, label_names: list[str]) -> bytes:
@@ -111,17 +173,29 @@ def _summary(values: np.ndarray) -> dict:
 
 
 def label_stats(names: list[str], manifest: Manifest, splits: dict[str, np.ndarray]) -> dict:
-    """Per-class counts, label cardinality, unlabelled images and train/val drift, for ``{split: [N] row mask}``."""
+    """Per-class counts, label cardinality, unlabelled images and train/val drift, for ``{split: [N] row mask}``.
+
+    Up to :data:`REPORT_CLASSES` classes every class is listed, in id order; past it, the most and the least
+    frequent halves (``class_counts``), the largest drifts, and the first classes without images, so the report
+    stays readable at 20,000 classes (:func:`class_counts_csv` has them all).
+    """
     counts = {s: manifest.class_counts(rows) for s, rows in splits.items()}
     per_image_all = manifest.labels_per_image()  # [N]
+    listed = np.arange(len(names))
+    if len(names) > REPORT_CLASSES:
+        listed = _head_and_tail(np.argsort(-sum(counts.values()), kind="stable"), REPORT_CLASSES)
     stats: dict = {
         "class_counts": [
-            {"id": i, "name": n, **{s: int(c[i]) for s, c in counts.items()}} for i, n in enumerate(names)
+            {"id": int(i), "name": names[i], **{s: int(c[i]) for s, c in counts.items()}} for i in listed
         ],
         "label_cardinality": {},
         "images_without_labels": {},
         "classes_without_images": {},
+        "classes_without_images_count": {},
     }
+    if len(names) > REPORT_CLASSES:
+        stats["class_counts_shown"] = (f"the {REPORT_CLASSES // 2} most and {REPORT_CLASSES // 2} least frequent of "
+                                       f"{len(names):,} classes")
     for split, rows in splits.items():
         per_image = per_image_all[rows]
         stats["label_cardinality"][split] = {
@@ -129,7 +203,9 @@ def label_stats(names: list[str], manifest: Manifest, splits: dict[str, np.ndarr
             "histogram": {str(k): int(v) for k, v in enumerate(np.bincount(per_image)) if v},
         }
         stats["images_without_labels"][split] = int((per_image == 0).sum())
-        stats["classes_without_images"][split] = [names[i] for i in np.flatnonzero(counts[split] == 0)]
+        missing = np.flatnonzero(counts[split] == 0)
+        stats["classes_without_images"][split] = [names[i] for i in missing[:REPORT_CLASSES]]
+        stats["classes_without_images_count"][split] = len(missing)
     sizes = {s: int(rows.sum()) for s, rows in splits.items()}
     if {"train", "val"} <= splits.keys() and sizes["train"] and sizes["val"]:
         # positive rate of each class in each split; a large gap means val does not measure what train teaches
@@ -137,13 +213,17 @@ def label_stats(names: list[str], manifest: Manifest, splits: dict[str, np.ndarr
         rate_val = counts["val"] / sizes["val"]
         gap = np.abs(rate_train - rate_val)
         worst = int(np.argmax(gap)) if len(gap) else 0
+        drifting = np.arange(len(names))
+        if len(names) > REPORT_CLASSES:
+            drifting = np.argsort(-gap, kind="stable")[:REPORT_CLASSES]
+            stats["class_ratio_drift_shown"] = f"the {REPORT_CLASSES} classes that drift most, most first"
         stats["class_ratio_drift"] = {
             "max_abs_diff": round(float(gap.max()), 4) if len(gap) else 0.0,
             "max_class": names[worst] if len(gap) else None,
             "mean_abs_diff": round(float(gap.mean()), 4) if len(gap) else 0.0,
             "per_class": [
-                {"name": n, "train_rate": round(float(rate_train[i]), 4), "val_rate": round(float(rate_val[i]), 4)}
-                for i, n in enumerate(names)
+                {"name": names[i], "train_rate": round(float(rate_train[i]), 4),
+                 "val_rate": round(float(rate_val[i]), 4)} for i in drifting
             ],
         }
     return stats

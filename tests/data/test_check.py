@@ -1,5 +1,6 @@
 """check_dataset end to end on a real local Ray: every problem with file, line and reason; local == S3."""
 
+import csv
 import hashlib
 import json
 import os
@@ -170,6 +171,10 @@ def test_report_has_paddlex_fields_and_the_extra_analysis(ray_start_2_cpus, tmp_
     counts = {c["name"]: c for c in analysis["class_counts"]}
     train_lines = (root / "train.txt").read_text().splitlines()
     assert counts["circle"]["train"] == sum(line.split("\t")[1].split(",")[0] == "1" for line in train_lines)
+    with open(tmp_path / "out" / analysis["class_counts_file"], newline="") as f:  # every class, beside the report
+        assert [{k: (v if k == "name" else int(v)) for k, v in row.items()} for row in csv.DictReader(f)] == list(
+            counts.values())
+    assert analysis["top_cooccurring_pairs"]["exact"]  # 8 classes: every pair counted
     assert analysis["images_without_labels"]["train"] == sum(
         set(line.split("\t")[1].split(",")) == {"0"} for line in train_lines)
     assert 0 <= analysis["class_ratio_drift"]["max_abs_diff"] <= 1
