@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlcls_ray import storage
+from mlcls_ray.data import parquet_lists
+from mlcls_ray.data.labels import ids_dtype, packed_to_csr
 from mlcls_ray.data.manifest import Manifest
 from mlcls_ray.data.problems import Problem, ProblemSink
 
@@ -34,6 +36,7 @@ __all__ = [
     "parse_list",
     "read_dataset",
     "read_splits",
+    "split_rows",
     "unsafe_reason",
 ]
 
@@ -379,32 +382,70 @@ def _first_chunk(root: str, files: list[str]) -> bytes | None:
     return None
 
 
+def _num_classes_without_names(root: str, files: tuple[str, ...]) -> tuple[int, str]:
+    """The label vector length to hold lists to when label.txt is unusable, and how a wrong length is explained:
+    what most lines of the first text list agree on, or one more than a Parquet list's largest id."""
+    text = [f for f in files if not f.endswith(parquet_lists.PARQUET_SUFFIX)]
+    first = _first_chunk(root, text)
+    if first:
+        num_classes = _majority_length(first) or 1
+        return num_classes, f"most lines have {num_classes}"
+    tables = [f for f in files if f.endswith(parquet_lists.PARQUET_SUFFIX)]
+    largest = max((parquet_lists.max_class_id(storage.join(root, f)) for f in tables), default=-1)
+    return max(largest + 1, 1), "label.txt is unusable"
+
+
+def _manifest(files: tuple[str, ...], num_classes: int, parts: list[tuple]) -> Manifest:
+    """One manifest from parsed parts, whose labels are packed bits (text lists) or CSR ids (Parquet lists)."""
+    if all(isinstance(labels, np.ndarray) for *_, labels in parts):
+        return Manifest.concat(files, num_classes, parts)
+    csr = [labels if isinstance(labels, tuple) else packed_to_csr(labels, num_classes) for *_, labels in parts]
+    offsets = np.zeros(sum(len(o) - 1 for o, _ in csr) + 1, np.int64)
+    np.cumsum(np.concatenate([np.diff(o) for o, _ in csr]), out=offsets[1:])
+    return Manifest.from_csr(
+        files, num_classes, pa.chunked_array([paths for _, paths, _, _ in parts], pa.string()),
+        np.concatenate([np.full(len(lines), index, np.uint8) for index, _, lines, _ in parts]),
+        np.concatenate([lines for _, _, lines, _ in parts]),
+        offsets, np.concatenate([ids.astype(ids_dtype(num_classes), copy=False) for _, ids in csr]))
+
+
 def read_dataset(root: str, problems: ProblemSink, files: tuple[str, ...] = ("train.txt", "val.txt")
                  ) -> tuple[list[str] | None, Manifest]:
     """Read ``label.txt`` and the lists of an MLClsDataset (local or s3://), recording every problem.
 
+    ``files`` name the splits by their text list; a split may have ``<split>.parquet`` instead
+    (:mod:`mlcls_ray.data.parquet_lists`), and the manifest's ``files`` name the lists actually read. A split with
+    both forms is refused (an ``ambiguous_list`` problem) and none of its rows are read.
+
     Returns the class names (None when label.txt is missing or has problems, since then no name can be trusted)
-    and the manifest of every well-formed line. Without a usable label.txt, the vectors are held to the length
-    most lines of the first list agree on. Repeated paths are kept here; see :func:`drop_duplicates`.
+    and the manifest of every well-formed line or row. Without a usable label.txt, the vectors are held to the
+    length most lines of the first list agree on. Repeated paths are kept here; see :func:`drop_duplicates`.
     """
+    resolved = {f: parquet_lists.list_file(root, f.removesuffix(".txt"), problems) for f in files}
+    files = tuple(resolved[f] or f for f in files)
     names = _read_label_file(root, problems)
     expected = None
     if names is not None:
         num_classes = len(names)
     else:
-        first = _first_chunk(root, list(files))
-        num_classes = (first and _majority_length(first)) or 1
-        expected = f"most lines have {num_classes}"
+        num_classes, expected = _num_classes_without_names(root, files)
     parts = []
-    for index, file in enumerate(files):
+    for index, (file, readable) in enumerate(zip(files, resolved.values())):
+        if readable is None:
+            continue  # both forms of the split: refused by list_file
         uri = storage.join(root, file)
         before, found = len(problems), len(parts)
         try:
-            for data, first_line in iter_lines(uri):
-                paths, lines, packed = parse_list(data, file, num_classes, problems, first_line=first_line,
-                                                  expected=expected)
-                if len(lines):
-                    parts.append((index, paths, lines, packed))
+            if file.endswith(parquet_lists.PARQUET_SUFFIX):
+                for paths, rows, offsets, ids in parquet_lists.read_parquet_list(uri, file, num_classes, problems):
+                    if len(rows):
+                        parts.append((index, paths, rows, (offsets, ids)))
+            else:
+                for data, first_line in iter_lines(uri):
+                    paths, lines, packed = parse_list(data, file, num_classes, problems, first_line=first_line,
+                                                      expected=expected)
+                    if len(lines):
+                        parts.append((index, paths, lines, packed))
         except storage.StorageError as exc:
             missing = not storage.exists(uri)
             problems.append(Problem("missing_file" if missing else "unreadable_file", file, None,
@@ -412,7 +453,12 @@ def read_dataset(root: str, problems: ProblemSink, files: tuple[str, ...] = ("tr
             continue
         if len(parts) == found and len(problems) == before:
             problems.append(Problem("empty_list", file, None, f"{file} lists no images"))
-    return names, Manifest.concat(files, num_classes, parts)
+    return names, _manifest(files, num_classes, parts)
+
+
+def split_rows(manifest: Manifest, split: str) -> np.ndarray:
+    """``[N]`` bool: the rows of one split (``train`` or ``val``), from its text or its Parquet list."""
+    return manifest.rows_of(f"{split}.txt") | manifest.rows_of(f"{split}{parquet_lists.PARQUET_SUFFIX}")
 
 
 def drop_duplicates(manifest: Manifest, problems: ProblemSink, order: np.ndarray | None = None) -> Manifest:
@@ -440,4 +486,4 @@ def read_splits(root: str, problems: ProblemSink) -> tuple[list[str] | None, Man
     """The class names (as :func:`read_dataset`) and the train and val rows of a dataset, repeated paths dropped."""
     names, manifest = read_dataset(root, problems)
     manifest = drop_duplicates(manifest, problems)
-    return names, manifest.select(manifest.rows_of("train.txt")), manifest.select(manifest.rows_of("val.txt"))
+    return names, manifest.select(split_rows(manifest, "train")), manifest.select(split_rows(manifest, "val"))

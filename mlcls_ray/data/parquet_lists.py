@@ -23,7 +23,7 @@ from mlcls_ray import storage
 from mlcls_ray.data import mlcls_format  # the text lists' path rules (a module import: they import this one too)
 from mlcls_ray.data.problems import Problem, ProblemSink
 
-__all__ = ["PARQUET_SUFFIX", "list_file", "list_suffix", "read_parquet_list", "set_aside_other_form",
+__all__ = ["PARQUET_SUFFIX", "list_file", "list_suffix", "max_class_id", "read_parquet_list", "set_aside_other_form",
            "write_parquet_list"]
 
 PARQUET_SUFFIX = ".parquet"
@@ -165,6 +165,16 @@ def read_parquet_list(uri: str, file: str, num_classes: int, problems: ProblemSi
             first_row += n
     except (pa.ArrowInvalid, OSError) as exc:
         problems.append(Problem("unreadable_file", file, first_row, f"cannot read on from this row ({exc})"))
+
+
+def max_class_id(uri: str) -> int:
+    """The largest class id in a Parquet list (-1 when none can be read): sizes the labels without a label.txt."""
+    try:
+        labels = pq.ParquetFile(storage.open_seekable(uri)).read(columns=["labels"]).column("labels")
+        largest = pc.max(pc.list_flatten(labels)).as_py()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError, OSError):
+        return -1
+    return -1 if largest is None else int(largest)
 
 
 def write_parquet_list(uri: str, paths: pa.Array | pa.ChunkedArray, offsets: np.ndarray, ids: np.ndarray) -> None:

@@ -23,7 +23,8 @@ from mlcls_ray import storage
 
 __all__ = ["Problem", "ProblemLog", "ProblemSink"]
 
-_FILE_RANK = {"label.txt": 0, "train.txt": 1, "val.txt": 2}  # anything else (annotations) comes first
+# label.txt, then train's list, then val's; anything else (annotations) comes first
+_FILE_RANK = {"label.txt": 0, "train.txt": 1, "train.parquet": 1, "val.txt": 2, "val.parquet": 2}
 _FRAME = 1_000  # problems per pickle frame in a spilled run: what a merge holds of each run
 _FAN_IN = 64  # runs merged at once: bounds open files and memory whatever the number of problems
 

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlcls_ray.data.mlcls_format import read_splits
 from mlcls_ray.data.parquet_lists import list_file, read_parquet_list, write_parquet_list
 from mlcls_ray.data.problems import Problem
 
@@ -79,3 +80,32 @@ def test_row_numbers_continue_across_batches(tmp_path, monkeypatch):
     uri = _write(tmp_path / "train.parquet", ["a", "b", "../c", "d", "e"], [[0], [0], [0], [9], [1]])
     paths, rows, _, problems = _read(uri, 2)
     assert paths == ["a", "b", "e"] and rows == [1, 2, 5] and [p.line for p in problems] == [3, 4]
+
+
+def test_a_dataset_may_mix_forms_and_a_split_with_both_is_refused(tmp_path):
+    (tmp_path / "label.txt").write_text("0 cat\n1 dog\n2 fox\n")
+    _write(tmp_path / "train.parquet", ["a.jpg", "b.jpg", "../bad.jpg"], [[2], [0, 1], [0]])
+    (tmp_path / "val.txt").write_text("c.jpg\t0,0,1\n")
+    problems: list[Problem] = []
+    names, train, val = read_splits(str(tmp_path), problems)
+    assert names == ["cat", "dog", "fox"]
+    assert train.paths.to_pylist() == ["a.jpg", "b.jpg"] and train.labels(slice(None)).tolist() == [[0, 0, 1],
+                                                                                                     [1, 1, 0]]
+    assert val.paths.to_pylist() == ["c.jpg"] and val.labels(slice(None)).tolist() == [[0, 0, 1]]
+    assert [(p.file, p.line, p.kind) for p in problems] == [("train.parquet", 3, "unsafe_path")]
+
+    (tmp_path / "train.txt").write_text("a.jpg\t0,0,1\n")
+    problems = []
+    _, train, val = read_splits(str(tmp_path), problems)
+    assert len(train) == 0 and len(val) == 1  # neither form of train is read: which one is current is unknown
+    assert [(p.file, p.kind) for p in problems] == [("train.parquet", "ambiguous_list")]
+
+
+def test_thousands_of_classes_stay_sets(tmp_path):
+    (tmp_path / "label.txt").write_text("".join(f"{i} c{i}\n" for i in range(5000)))
+    _write(tmp_path / "train.parquet", [f"{i}.jpg" for i in range(100)], [[i % 10, 4999 - i] for i in range(100)])
+    _write(tmp_path / "val.parquet", ["v.jpg"], [[7]])
+    _, train, val = read_splits(str(tmp_path), [])
+    assert train.sparse and train.nbytes < 100 * 100  # packed bits would be 625 bytes a row
+    assert train.class_counts()[[3, 4999, 4900, 2500]].tolist() == [10, 1, 1, 0]
+    assert val.labels(slice(None)).nonzero()[1].tolist() == [7]
