@@ -8,7 +8,10 @@ train and every run gives another split. Here:
 - the partition depends only on the set of lines and the seed, never on their order in the files, so running the
   same split again gives byte-identical lists (and then nothing is rewritten);
 - lines are copied verbatim, streamed, and both lists are replaced together (old or new, never a mix), the old
-  ones kept as numbered ``.bak`` files.
+  ones kept as numbered ``.bak`` files;
+- Parquet lists (``train.parquet``, ``val.parquet``) are split into Parquet lists, rows in the same order, each
+  with its normalised path and sorted ids; a text list pooled with a Parquet one goes to Parquet too (and is set
+  aside as ``.bak``): at 20,000 classes ids cannot become text lines of 0/1.
 
 The stratification works on each image's class ids (CSR) and an index from each class to its rows, one label at a
 time, in bulk: memory stays at a few bytes per label, with no dense or float copy of the matrix, whether the manifest
@@ -18,10 +21,12 @@ holds its labels as bits or as sets (the split is the same either way).
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from mlcls_ray import storage
 from mlcls_ray.data.labels import csr_take, rows_by_class
 from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, copy_lines, drop_duplicates, read_dataset
+from mlcls_ray.data.parquet_lists import PARQUET_SUFFIX, set_aside_other_form, write_parquet_list
 from mlcls_ray.data.problems import Problem, ProblemLog, ProblemSink
 
 __all__ = ["iterative_stratification", "split_dataset", "split_sizes"]
@@ -110,7 +115,8 @@ def iterative_stratification(offsets: np.ndarray, ids: np.ndarray, num_classes: 
 
 
 def split_dataset(root: str, train_percent: int, seed: int, problems: ProblemSink, out: str | None = None) -> bool:
-    """Pool ``train.txt`` and ``val.txt`` and re-split them: ``train_percent`` to train, the rest to val.
+    """Pool ``train.txt`` and ``val.txt`` (or their Parquet lists) and re-split them: ``train_percent`` to train,
+    the rest to val.
 
     Args:
         root: the dataset whose lists are split.
@@ -144,14 +150,23 @@ def split_dataset(root: str, train_percent: int, seed: int, problems: ProblemSin
     rank[order] = np.arange(len(order))  # each row's place in path order: the split never sees the files' order
     assigned = iterative_stratification(*manifest.label_ids(), manifest.num_classes, sizes, seed, rank)
     out = out or root
-    lists = [storage.join(out, f"{s}.txt") for s in SPLITS]
+    parquet = any(f.endswith(PARQUET_SUFFIX) for f in manifest.files)
+    suffix = PARQUET_SUFFIX if parquet else ".txt"
+    lists = [storage.join(out, f"{s}{suffix}") for s in SPLITS]
     label = [storage.join(out, LABEL_FILE)] if out != root else []
     with storage.replacing(lists + label) as staged:
         if label:
             storage.write_bytes(staged[label[0]], storage.read_bytes(storage.join(root, LABEL_FILE)))
-        with storage.open_output(staged[lists[0]]) as train, storage.open_output(staged[lists[1]]) as val:
-            for index, file in enumerate(manifest.files):
-                rows = manifest.file == index
-                if rows.any():
-                    copy_lines(storage.join(root, file), manifest.line[rows], assigned[rows], [train, val])
+        if parquet:
+            for subset, target in enumerate(lists):
+                rows = np.flatnonzero(assigned == subset)  # list order, as the text lines are copied
+                write_parquet_list(staged[target], manifest.paths.take(pa.array(rows)), *manifest.label_ids(rows))
+        else:
+            with storage.open_output(staged[lists[0]]) as train, storage.open_output(staged[lists[1]]) as val:
+                for index, file in enumerate(manifest.files):
+                    rows = manifest.file == index
+                    if rows.any():
+                        copy_lines(storage.join(root, file), manifest.line[rows], assigned[rows], [train, val])
+    if parquet:
+        set_aside_other_form(out, suffix, SPLITS)
     return True

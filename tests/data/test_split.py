@@ -4,9 +4,12 @@ import random
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from mlcls_ray import storage
+from mlcls_ray.data.mlcls_format import read_dataset
+from mlcls_ray.data.parquet_lists import write_parquet_list
 from mlcls_ray.data.split import iterative_stratification, split_dataset, split_sizes
 from mlcls_ray.data.synthetic import generate
 from tests.helpers import failing_move_onto
@@ -117,6 +120,32 @@ def test_the_partition_depends_on_the_lines_not_their_order(tmp_path):
         assert split(root, 80, seed=7) == (True, [])
     for name in ("train.txt", "val.txt"):
         assert sorted((roots[0] / name).read_text().splitlines()) == sorted((roots[1] / name).read_text().splitlines())
+
+
+def parquet_rows(path):
+    table = pq.read_table(path)
+    return list(zip(table.column("path").to_pylist(), table.column("labels").to_pylist()))
+
+
+def test_parquet_lists_split_into_parquet_lists_as_the_text_ones_do(demo, tmp_path):
+    """The same images as Parquet lists get the same split, row for row, and a repeated split rewrites nothing."""
+    other = tmp_path / "parquet"
+    other.mkdir()
+    (other / "label.txt").write_bytes((demo / "label.txt").read_bytes())
+    _, manifest = read_dataset(str(demo), [])
+    for index, name in enumerate(manifest.files):
+        rows = np.flatnonzero(manifest.file == index)
+        write_parquet_list(str(other / name.replace(".txt", ".parquet")), manifest.paths.take(rows),
+                           *manifest.label_ids(rows))
+    assert split(demo, 80) == (True, []) and split(other, 80) == (True, [])
+    for name in ("train", "val"):
+        text = [line.split("\t") for line in (demo / f"{name}.txt").read_text().splitlines()]
+        assert parquet_rows(other / f"{name}.parquet") == [
+            (path, [i for i, v in enumerate(vector.split(",")) if v == "1"]) for path, vector in text]
+    first = {name: (other / name).read_bytes() for name in ("train.parquet", "val.parquet")}
+    assert split(other, 80) == (True, [])
+    assert {name: (other / name).read_bytes() for name in first} == first
+    assert not (other / "train.parquet.bak.1").exists() and not (other / "train.txt").exists()
 
 
 def test_a_failure_between_the_two_lists_leaves_the_old_lists(demo, monkeypatch):
