@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import socket
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -86,3 +92,30 @@ def make_quadrants(root: Path, num_train: int, num_val: int, size: int = 32, see
         Image.fromarray(img).save(root / name)
         rows["train" if i < num_train else "val"].append((name, labels.tolist()))
     return make_mlcls(root, QUADRANT_NAMES, rows["train"], rows["val"], make_images=False)
+
+
+@contextlib.contextmanager
+def s3_requests(endpoint: str, folder: Path) -> Iterator[list[tuple[str, str]]]:
+    """The requests the S3 server (moto) answered inside the block, from any process, as ``(method, path)`` with the
+    path URL-decoded (``/bucket/key``); filled when the block ends. moto's recorder writes them to a file in the
+    current folder, so the block runs in ``folder``."""
+    def call(action: str) -> bytes:
+        method = "GET" if action == "download" else "POST"
+        with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/recorder/{action}-recording",
+                                                           method=method)) as response:
+            return response.read()
+
+    seen: list[tuple[str, str]] = []
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        call("reset")
+        call("start")
+        yield seen
+        call("stop")
+        for line in call("download").decode().splitlines():
+            entry = json.loads(line)
+            seen.append((entry["method"], urllib.parse.unquote(urllib.parse.urlsplit(entry["url"]).path)))
+    finally:
+        call("stop")
+        os.chdir(cwd)

@@ -2,9 +2,11 @@
 
 A folder or ``s3://`` prefix is walked recursively for image extensions; a list file (``.txt``/``.lst``) holds one
 URI per line, relative ones resolved against the list's folder, so PaddleX's ``train.txt``/``val.txt`` (a path, a
-tab, labels) can be labeled as they are. URIs are ``str``; a local name that is not UTF-8 is surrogate-escaped
-(``os.fsdecode``), as ``os.scandir`` gives it, and ``os.fsencode`` gives its bytes back. Nothing is collected:
-100M URIs stream through in constant memory.
+tab, labels) can be labeled as they are. ``Label.input`` may also be an S3 Inventory report's ``manifest.json``,
+which the label job reads in Ray tasks (:mod:`mlcls_ray.infer.listing`), as it lists an ``s3://`` prefix.
+
+URIs are ``str``; a local name that is not UTF-8 is surrogate-escaped (``os.fsdecode``), as ``os.scandir`` gives
+it, and ``os.fsencode`` gives its bytes back. Nothing is collected: 100M URIs stream through in constant memory.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from collections.abc import Iterator
 
 from mlcls_ray import storage
 
-__all__ = ["IMAGE_EXTENSIONS", "LIST_EXTENSIONS", "InputError", "input_kind", "iter_inputs", "printable"]
+__all__ = ["IMAGE_EXTENSIONS", "INVENTORY_MANIFEST", "LIST_EXTENSIONS", "InputError", "input_kind", "is_image",
+           "iter_inputs", "printable"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".tga", ".jp2",
                     ".avif", ".qoi")
 LIST_EXTENSIONS = (".txt", ".lst")
+INVENTORY_MANIFEST = "manifest.json"  # an S3 Inventory report is named by its manifest
 _LINE_CHUNK = 1 << 20  # bytes of a list file read at a time
 _BOM = b"\xef\xbb\xbf"
 
@@ -34,12 +38,12 @@ def printable(uri: str | bytes) -> str:
     return os.fsencode(uri).decode("utf-8", "backslashreplace")
 
 
-def _is_image(uri: str) -> bool:
+def is_image(uri: str) -> bool:
     return uri.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def input_kind(uri: str) -> str:
-    """``folder``, ``image`` or ``list``.
+    """``folder``, ``image``, ``list`` or ``inventory`` (an S3 Inventory report's ``manifest.json``).
 
     Raises:
         InputError: nothing is there, or a file that is neither an image nor a list.
@@ -48,8 +52,10 @@ def input_kind(uri: str) -> str:
         return "folder"
     if not storage.exists(uri):
         raise InputError(f"{uri}: not found (give an image, a folder or s3:// prefix, or a .txt list of images)")
-    if _is_image(uri):
+    if is_image(uri):
         return "image"
+    if posixpath.basename(uri) == INVENTORY_MANIFEST:
+        return "inventory"
     if uri.lower().endswith(LIST_EXTENSIONS):
         return "list"
     raise InputError(f"{uri}: not an image ({', '.join(IMAGE_EXTENSIONS[:5])}, ...), a folder, or a list file "
@@ -91,12 +97,15 @@ def iter_inputs(uri: str) -> Iterator[tuple[str, str]]:
     file name for a single image.
     """
     kind = input_kind(uri)
+    if kind == "inventory":
+        raise InputError(f"{uri}: an S3 Inventory report is read by Global.mode=label; give an image, a folder or "
+                         "a list file here")
     if kind == "image":
         yield uri, posixpath.basename(uri)
     elif kind == "folder":
         root = storage.absolute(uri).rstrip("/")
         for found in storage.iter_files(root):
-            if _is_image(found):
+            if is_image(found):
                 yield found, found[len(root) + 1:]
     else:
         name = posixpath.basename(uri)

@@ -11,8 +11,9 @@ One run at a time: the run holds a lease on the output (:mod:`mlcls_ray.infer.le
 refused. A rerun never lists the input again and must match what made the rows (model weights, classes,
 preprocessing, thresholds, scores kept), or it is refused. It skips complete shards and, for a shard a killed run
 cut short, labels only the plan rows its pieces lack. Rows are identified by their plan row, so a write Ray retries
-overwrites its own piece and a shard's part holds each row once. Nothing per image is held on the driver: it streams
-the listing into the plan and reads back one small row per piece written and per shard completed.
+overwrites its own piece and a shard's part holds each row once. Nothing per image is held on the driver: an
+``s3://`` prefix or an S3 Inventory is listed into the plan by Ray tasks (a local folder or list streams through the
+driver), and it reads back one small row per piece written and per shard completed.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ _WRITE_ROWS = 4096  # rows per piece at most (or a shard's size): few pieces, an
 
 def _load(batch: dict[str, np.ndarray], size: int, device_decode: bool, max_pixels: int, max_file_bytes: int
           ) -> dict[str, np.ndarray]:
-    """Read each file, then decode and squish-resize it (the Predictor's CPU half) into ``image``.
+    """Read each file (an S3 object with one GET; one whose listed size, the plan's ``size`` column, is over the limit
+    with none), then decode and squish-resize it (the Predictor's CPU half) into ``image``.
 
     With ``device_decode`` (on a GPU) the rows carry ``data`` instead: a plain JPEG's bytes, judged by its header, for
     the GPU to decode, or, for every other file (PNG, WebP, CMYK, EXIF-rotated, ...), its square decoded here, as raw
@@ -59,7 +61,7 @@ def _load(batch: dict[str, np.ndarray], size: int, device_decode: bool, max_pixe
     kinds, reasons = np.full(n, "", dtype=object), np.full(n, "", dtype=object)
     images = np.full(n, b"", dtype=object) if device_decode else np.zeros((n, size, size, 3), np.uint8)
     square = np.zeros(n, bool)  # device_decode: ``data`` holds a decoded square, not a file
-    for i, (data, kind, reason) in enumerate(fetch_files(batch["path"], max_file_bytes)):
+    for i, (data, kind, reason) in enumerate(fetch_files(batch["path"], max_file_bytes, batch.get("size"))):
         if kind:
             kinds[i], reasons[i] = kind, reason
         elif device_decode and device_decodable(data, max_pixels):

@@ -1,7 +1,10 @@
 """The layout of a label output folder: the plan, the parts, what produced them, and what a rerun still has to do.
 
 - ``_plan/shard-<N>.parquet``: the input listed once into shards, one row per input row (``shard``, ``row``, its
-  index in the shard, and ``path``, the URI's bytes: a local name that is not UTF-8 is kept exactly).
+  index in the shard, ``path``, the URI's bytes: a local name that is not UTF-8 is kept exactly, and ``size``, its
+  bytes as an S3 listing or inventory gave them, -1 for a local file or a list's entry). An ``s3://`` prefix or an
+  S3 Inventory is listed by Ray tasks (:mod:`mlcls_ray.infer.listing`) and the shards written by tasks; a local
+  folder or a list file is streamed through the driver.
   ``_plan/_COMPLETE.json`` marks the listing complete and records what produces the rows (:func:`producer`).
 - ``_work/shard-<N>/piece-<first row>-<digest>.parquet``: labeled rows of one shard as the pipeline writes them,
   with their plan ``row``. A piece is named by the rows it holds, so a write task Ray retries overwrites its own
@@ -23,14 +26,20 @@ import json
 import os
 import re
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 
-from mlcls_ray import model_dir, storage
-from mlcls_ray.infer.inputs import IMAGE_EXTENSIONS, iter_inputs, printable
+from mlcls_ray import storage
+from mlcls_ray.infer import listing
+from mlcls_ray.infer.inputs import IMAGE_EXTENSIONS, input_kind, iter_inputs, printable
+
+if TYPE_CHECKING:  # the tasks that write plan shards, pieces and parts import this module: no torch for them
+    from mlcls_ray.model_dir import ModelInfo
 
 __all__ = ["PART_GLOB", "PLAN_DIR", "PROGRESS_S", "LabelSetupError", "compact", "label_rows", "list_output",
            "load_plan", "planned_rows", "producer", "read_tally", "remaining_rows", "remove_work", "shard_uri",
@@ -79,9 +88,11 @@ def _sha256(uri: str, chunk: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
-def producer(model: str, info: model_dir.ModelInfo, thresholds: np.ndarray, scores: str, scores_dtype: str) -> dict:
+def producer(model: str, info: ModelInfo, thresholds: np.ndarray, scores: str, scores_dtype: str) -> dict:
     """What makes the rows: the model (its folder, a digest of its weights, its classes and preprocessing), the
     resolved per-class thresholds and the scores kept. A rerun into the same output must match it."""
+    from mlcls_ray import model_dir
+
     spec = info.spec
     return {"model_dir": model, "weights_sha256": _sha256(storage.join(model, model_dir.WEIGHTS_FILE)),
             "image_size": spec.image_size, "mean": [float(m) for m in spec.mean], "std": [float(s) for s in spec.std],
@@ -110,10 +121,37 @@ def _check_producer(planned: dict, now: dict, output: str) -> None:
               "classes and preprocessing, so the run goes on")
 
 
-def _write_plan_shard(output: str, shard: int, paths: list[bytes]) -> None:
-    table = pa.table({"shard": pa.array(np.full(len(paths), shard, np.int32)),
-                      "row": pa.array(np.arange(len(paths), dtype=np.int32)), "path": pa.array(paths, pa.binary())})
+def _write_plan_shard(output: str, shard: int, rows: pa.Table) -> None:
+    """A shard of the plan from its rows' ``path`` (bytes) and ``size``."""
+    n = rows.num_rows
+    table = pa.table({"shard": pa.array(np.full(n, shard, np.int32)), "row": pa.array(np.arange(n, dtype=np.int32)),
+                      "path": rows["path"], "size": rows["size"]})
     _write_parquet(shard_uri(output, shard), table)
+
+
+def _write_listed_shard(output: str, shard: int, runs: list[listing.Run]) -> None:
+    """A Ray task: a shard of the plan from the listed runs that make it up."""
+    tables = ray.get([run.table for run in runs])
+    _write_plan_shard(output, shard, pa.concat_tables(t.slice(r.start, r.rows) for t, r in zip(tables, runs)))
+
+
+def _plan_listed(output: str, runs: list[listing.Run], shard_size: int) -> tuple[int, int]:
+    """Write the plan's shards from listed runs, in Ray tasks; ``(images, shards)``."""
+    write = ray.remote(_write_listed_shard).options(num_cpus=0.25, runtime_env={"env_vars": storage.aws_settings()})
+    written, pieces, filled, images = [], [], 0, 0
+    for run in runs:
+        start, left = run.start, run.rows
+        while left:
+            take = min(left, shard_size - filled)
+            pieces.append(listing.Run(run.table, start, take))
+            start, left, filled, images = start + take, left - take, filled + take, images + take
+            if filled == shard_size:
+                written.append(write.remote(output, len(written), pieces))
+                pieces, filled = [], 0
+    if pieces:
+        written.append(write.remote(output, len(written), pieces))
+    ray.get(written)
+    return images, len(written)
 
 
 def load_plan(source: str, output: str, shard_size: int, made_by: dict) -> dict:
@@ -136,19 +174,12 @@ def load_plan(source: str, output: str, shard_size: int, made_by: dict) -> dict:
         if plan["shard_size"] != shard_size:
             print(f"mlcls: {output} was planned with Label.shard_size={plan['shard_size']}; resuming with that")
         return plan
-    shards, images, paths = 0, 0, []
-    started = last = time.monotonic()
-    for uri, _ in iter_inputs(source):
-        paths.append(os.fsencode(uri))  # the exact bytes of a local name; a URI's UTF-8
-        if len(paths) == shard_size:
-            _write_plan_shard(output, shards, paths)
-            shards, images, paths = shards + 1, images + len(paths), []
-            if time.monotonic() - last > PROGRESS_S:
-                last = time.monotonic()
-                print(f"[Label] listed {images:,} images ({images / (last - started):,.0f}/s)")
-    if paths:
-        _write_plan_shard(output, shards, paths)
-        shards, images = shards + 1, images + len(paths)
+    kind = input_kind(source)
+    if kind == "inventory" or (kind == "folder" and storage.is_remote(source)):
+        runs = (listing.list_inventory if kind == "inventory" else listing.list_prefix)(source, PROGRESS_S)
+        images, shards = _plan_listed(output, runs, shard_size)
+    else:
+        images, shards = _plan_streamed(source, output, shard_size)
     if not images:
         raise LabelSetupError(f"Label.input {source}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
     plan = {"format": _FORMAT, "input": source, "shard_size": shard_size, "images": images, "shards": shards,
@@ -156,6 +187,29 @@ def load_plan(source: str, output: str, shard_size: int, made_by: dict) -> dict:
     storage.write_text(marker, json.dumps(plan, indent=2) + "\n")
     print(f"[Label] listed {images:,} images of {source} into {shards:,} shard(s)")
     return plan
+
+
+def _plan_streamed(source: str, output: str, shard_size: int) -> tuple[int, int]:
+    """Write the plan's shards from a local folder, an image or a list file, streamed; ``(images, shards)``."""
+    shards, images, paths = 0, 0, []
+    started = last = time.monotonic()
+
+    def write() -> None:
+        _write_plan_shard(output, shards, pa.table({"path": pa.array(paths, pa.binary()),
+                                                    "size": pa.array(np.full(len(paths), -1, np.int64))}))
+
+    for uri, _ in iter_inputs(source):
+        paths.append(os.fsencode(uri))  # the exact bytes of a local name; a URI's UTF-8
+        if len(paths) == shard_size:
+            write()
+            shards, images, paths = shards + 1, images + len(paths), []
+            if time.monotonic() - last > PROGRESS_S:
+                last = time.monotonic()
+                print(f"[Label] listed {images:,} images ({images / (last - started):,.0f}/s)")
+    if paths:
+        write()
+        shards, images = shards + 1, images + len(paths)
+    return images, shards
 
 
 def planned_rows(plan: dict, shard: int) -> int:

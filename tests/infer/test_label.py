@@ -1,9 +1,10 @@
-"""Bulk labeling on a real local Ray: local and S3 (moto) in and out, corrupt files and odd names, reruns, a run
-killed midway, a retried write, a second run or another model refused, the scores kept, and the scores every
-inference path shares (evaluate, label, predict)."""
+"""Bulk labeling on a real local Ray: local and S3 (moto) in and out, one GET per S3 image, corrupt files and odd
+names, reruns, a run killed midway, a retried write, a second run or another model refused, the scores kept, and the
+scores every inference path shares (evaluate, label, predict)."""
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import json
 import os
@@ -28,7 +29,7 @@ from mlcls_ray.infer import label_output
 from mlcls_ray.infer.lease import Lease
 from mlcls_ray.infer.predictor import Predictor
 from mlcls_ray.metrics import mean_average_precision
-from tests.helpers import make_quadrants, upload_tree, write_image
+from tests.helpers import make_quadrants, s3_requests, upload_tree, write_image
 from tests.infer.conftest import save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("ray_start_2_cpus")
@@ -109,18 +110,25 @@ def test_an_output_of_another_input_is_refused(tiny_model, tmp_path, capsys):
     assert json.loads((out / "_FAILURE").read_text())["done_flag"] is False
 
 
-def test_s3_to_s3_with_corrupt_files_and_odd_keys(tiny_model, tmp_path, s3_bucket):
+def test_s3_to_s3_with_corrupt_files_and_odd_keys(tiny_model, tmp_path, s3_bucket, s3_server):
     upload_tree(_images(tmp_path / "in", 12), f"{s3_bucket}/photos")
     jpeg, bucket = (tmp_path / "in" / "b" / "0000.jpg").read_bytes(), s3_bucket[len("s3://"):]
-    odd = {"photos/a b/c d.jpg": None, "photos/été/日本.jpg": None, "photos//double.jpg": "unreadable_file"}
+    odd = {"photos/a b/c d.jpg": None, "photos/été/日本.jpg": None, "photos//double.jpg": None,
+           "photos/big.jpg": "file_too_large"}
     for key in odd:
-        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=jpeg)
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=jpeg * (10 if "big" in key else 1))
     out = f"{s3_bucket}/labels/run1"
-    assert _label(tiny_model, f"{s3_bucket}/photos/", out, "Label.shard_size=5") == 0  # the same input as no slash
+    with s3_requests(s3_server, tmp_path) as seen:  # the same input as no slash
+        assert _label(tiny_model, f"{s3_bucket}/photos/", out, "Label.shard_size=5",
+                      f"Global.max_file_bytes={5 * len(jpeg)}") == 0
     rows = _rows(out)
-    assert len(rows) == 17 and all(p.startswith(f"{s3_bucket}/photos/") for p in rows)
-    for key, kind in odd.items():  # pyarrow cannot address a key with `//`: that row's error, not a failed job
-        assert rows.pop(f"{s3_bucket}/{key}")["error_kind"] == kind
+    assert len(rows) == 18 and all(p.startswith(f"{s3_bucket}/photos/") for p in rows)
+    # each image read with one GET and no HEAD; big.jpg refused by the size its listing gave, with no request
+    reads = collections.Counter((m, p) for m, p in seen if p.startswith(f"/{bucket}/photos/"))
+    assert reads == {("GET", "/" + p[len("s3://"):]): 1 for p in rows if not p.endswith("/big.jpg")}
+    odd_rows = {key: rows.pop(f"{s3_bucket}/{key}") for key in odd}
+    assert {key: row["error_kind"] for key, row in odd_rows.items()} == odd
+    assert odd_rows["photos//double.jpg"]["scores"] == odd_rows["photos/a b/c d.jpg"]["scores"]  # same bytes
     _check(rows, tiny_model, storage.read_bytes)
     assert json.loads(storage.read_text(f"{out}/_SUCCESS"))["failed_images"] == 3
     assert _label(tiny_model, f"{s3_bucket}/photos", out + "/", "Label.shard_size=5") == 0
