@@ -85,20 +85,27 @@ def class_counts_csv(names: list[str], counts: dict[str, np.ndarray]) -> bytes:
 def _pair_counts(manifest: Manifest, classes: np.ndarray) -> np.ndarray:
     """``[K, K]`` int64 images that have both classes, among ``classes``; the diagonal is each class's count.
 
-    Counted from each row's ids a chunk of rows at a time, as a product of ``[n, K]`` 0/1 chunks (exact in float32).
+    Every ordered pair of an image's kept ids is counted with one ``bincount``, a chunk of rows at a time: the work
+    is the pairs there are, with no dense row and no BLAS (whose threads thrash on a busy driver).
     """
+    k = len(classes)
     slot = np.full(manifest.num_classes, -1, np.int64)
-    slot[classes] = np.arange(len(classes))
-    both = np.zeros((len(classes), len(classes)), np.int64)
-    step = max(1, (32 << 20) // (4 * max(len(classes), 1)))
+    slot[classes] = np.arange(k)
+    both = np.zeros(k * k, np.int64)
+    step = 1 << 16
     for start in range(0, len(manifest), step):
         offsets, ids = manifest.label_ids(slice(start, start + step))
         kept = slot[ids]
-        rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[kept >= 0]
-        part = np.zeros((len(offsets) - 1, len(classes)), np.float32)  # [n, K]
-        part[rows, kept[kept >= 0]] = 1
-        both += np.rint(part.T @ part).astype(np.int64)
-    return both
+        row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))[kept >= 0]
+        kept = kept[kept >= 0]  # [m] slots of the kept ids, row by row
+        length = np.bincount(row, minlength=len(offsets) - 1)  # kept ids of each row
+        first = np.cumsum(length) - length  # where each row's kept ids begin
+        partners = length[row]  # [m] each kept id pairs with every kept id of its row, itself included
+        begin = np.cumsum(partners) - partners
+        nth = np.arange(int(partners.sum())) - np.repeat(begin, partners)
+        right = kept[np.repeat(first[row], partners) + nth]
+        both += np.bincount(np.repeat(kept, partners) * k + right, minlength=k * k)
+    return both.reshape(k, k)
 
 
 def cooccurrence(names: list[str], manifest: Manifest) -> tuple[bytes, dict]:
