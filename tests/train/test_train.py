@@ -15,7 +15,8 @@ from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.mlcls_format import read_dataset
 from mlcls_ray.data.problems import ProblemLog
 from mlcls_ray.infer.predictor import Predictor
-from mlcls_ray.metrics import mean_average_precision
+from mlcls_ray.metrics import average_precision, mean_average_precision
+from mlcls_ray.train import evaluate
 from mlcls_ray.train.run import latest_checkpoint
 from tests.helpers import make_quadrants
 
@@ -58,9 +59,11 @@ def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadran
     assert "[Eval][Epoch 2][Avg] MultiLabelMAP(integral): " in log and "ETA" in log
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
 
+    monkeypatch.setattr(evaluate, "_BLOCK_BYTES", 1)  # one class a block task, as 20k classes are split
     assert main(["-c", _MODEL, "-o", "Global.mode=evaluate", "-o", f"Global.dataset_dir={quadrants}",
                  "-o", "Global.output=out", "-o", "Global.device=cpu"]) == 0
     evaluated = _result(str(out), "evaluate_result.json")
+    assert not (out / "_evaluate_scores").exists()  # the scratch scores are gone
     assert evaluated["done_flag"] is True and evaluated["images"] == 128
     assert evaluated["metrics"]["MultiLabelMAP"] == pytest.approx(best["score"], abs=1e-4)
     assert set(evaluated["metrics"]["per_class_AP"]) == {"top_left", "top_right", "bottom_left", "bottom_right"}
@@ -74,6 +77,8 @@ def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadran
     labels = manifest.labels(np.arange(len(manifest)))
     logits = predictor.logits(predictor.preprocess(images))
     assert mean_average_precision(logits, labels) == pytest.approx(best["score"], abs=1e-4)
+    ap = dict(zip(predictor.info.label_names, average_precision(logits, labels)))
+    assert evaluated["metrics"]["per_class_AP"] == pytest.approx(ap, abs=1e-5)  # each block at its own classes
 
 
 def test_resume_path_latest_continues_a_finished_run(quadrants, tmp_path):
