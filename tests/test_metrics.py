@@ -174,3 +174,43 @@ def test_cross_fitted_f1_is_not_fooled_by_thresholds_fit_to_noise():
     honest = cross_fitted_f1(probs, labels)
     assert in_sample["macro_f1"] > honest["macro_f1"] + 0.03
     assert honest["macro_f1"] < 0.11  # about 2p/(1+p) for p = 5% positives at the best fixed threshold
+
+
+def test_per_class_ap_equals_sklearn_on_a_subsample_of_a_wide_set():
+    """3,000 images x 500 classes of rare labels and float16 ties, as a class block of a 20k-class set: every class
+    of a random subsample has sklearn's AP."""
+    rng = np.random.default_rng(6)
+    labels = (rng.random((3000, 500)) < rng.uniform(0.001, 0.05, 500)).astype(np.uint8)
+    scores = _scores("float16", labels, rng)
+    ap = average_precision(scores, labels)
+    some = rng.choice(np.flatnonzero(labels.any(axis=0)), 25, replace=False)
+    np.testing.assert_allclose(ap[some], average_precision_score(labels[:, some], scores[:, some], average=None),
+                               rtol=0, atol=1e-9)
+
+
+def test_class_blocks_concatenate_into_the_whole_result():
+    """What a rank or a task computes for its block of classes is exactly the whole matrix's result for them."""
+    from mlcls_ray.metrics import class_mean, cross_fitted_counts, prf_counts
+
+    probs, labels = _calibration_case()
+    parts = [slice(0, 1), slice(1, 4), slice(4, 6)]
+    joined = {
+        "ap": np.concatenate([average_precision(probs[:, s], labels[:, s]) for s in parts]),
+        "t": np.concatenate([calibrate_thresholds(probs[:, s], labels[:, s]) for s in parts]),
+        "counts": np.concatenate([prf_counts(probs[:, s], labels[:, s], 0.5) for s in parts], axis=1),
+        "cross": np.concatenate([cross_fitted_counts(probs[:, s], labels[:, s]) for s in parts], axis=1),
+    }
+    np.testing.assert_array_equal(joined["ap"], average_precision(probs, labels))
+    assert class_mean(joined["ap"]) == mean_average_precision(probs, labels)
+    np.testing.assert_array_equal(joined["t"], calibrate_thresholds(probs, labels))
+    np.testing.assert_array_equal(joined["counts"], prf_counts(probs, labels, 0.5))
+    np.testing.assert_array_equal(joined["cross"], cross_fitted_counts(probs, labels))
+
+
+def test_cross_fitted_f1_keeps_rows_just_above_a_threshold():
+    """A class every row of which is positive at one score gets the float32 just below that score as its
+    threshold: every row of the other half is predicted (a shift p - t + 0.5 > 0.5 rounds them all away)."""
+    from mlcls_ray.metrics import cross_fitted_f1
+
+    probs, labels = np.full((10, 1), 0.4, np.float32), np.ones((10, 1), np.uint8)
+    assert cross_fitted_f1(probs, labels)["micro_recall"] == 1.0

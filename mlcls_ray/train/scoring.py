@@ -19,6 +19,8 @@ from mlcls_ray.train.data import TorchBatches
 __all__ = ["broadcast_from_rank0", "class_block", "gather_rows", "score_shard", "sum_over_ranks",
            "to_class_block"]
 
+_EXCHANGE_BYTES = 64 << 20  # what a rank sends in one round of :func:`to_class_block`
+
 
 def _sync_from_rank0(module: torch.nn.Module) -> None:
     """Give every rank rank 0's weights and buffers. DDP keeps parameters equal, but each rank's BatchNorm
@@ -79,23 +81,28 @@ def broadcast_from_rank0(value: int, group: dist.ProcessGroup | None) -> int:
 
 def to_class_block(local: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarray:
     """This rank's block of classes (:func:`class_block`) for every rank's rows: ``[n_r, C]`` on each rank in,
-    ``[N, C_r]`` out, rows in rank order, by one all-to-all (gloo implements ``all_to_all_single`` with uneven
-    splits). With one process, ``local`` itself."""
+    ``[N, C_r]`` out, rows in rank order. All-to-alls (gloo implements ``all_to_all_single`` with uneven splits)
+    move a few classes of every block a round, so the buffers beside ``local`` and the answer stay near 64 MB.
+    With one process, ``local`` itself."""
     rank, world = _rank_world(group)
     if world == 1:
         return local
     n, c = local.shape
     rows = sum_over_ranks([n if r == rank else 0 for r in range(world)], group)
-    blocks = [class_block(c, r, world) for r in range(world)]
-    send = np.empty(n * c, local.dtype)  # [n, C_0] then [n, C_1]...: the rows for rank r, row-major
-    sent = [n * (b.stop - b.start) for b in blocks]
-    for b, start, size in zip(blocks, np.cumsum([0, *sent]), sent):
-        send[start:start + size].reshape(n, -1)[:] = local[:, b]
-    width = blocks[rank].stop - blocks[rank].start
-    out = torch.empty(sum(rows) * width, dtype=torch.from_numpy(local[:0]).dtype)
-    dist.all_to_all_single(out, torch.from_numpy(send), output_split_sizes=[r * width for r in rows],
-                           input_split_sizes=sent, group=group)
-    return out.numpy().reshape(sum(rows), width)  # each rank's [n_r, C_r] in turn: the rows in rank order
+    total, blocks = sum(rows), [class_block(c, r, world) for r in range(world)]
+    out = np.empty((total, blocks[rank].stop - blocks[rank].start), local.dtype)  # [N, C_r]
+    rounds = max(1, min(c // world, -(-total * c * local.itemsize // (world * _EXCHANGE_BYTES))))  # equal on all
+    dtype = torch.from_numpy(local[:0]).dtype
+    for k in range(rounds):
+        parts = [class_block(b.stop - b.start, k, rounds) for b in blocks]  # round k's share of each block
+        subs = [slice(b.start + p.start, b.start + p.stop) for b, p in zip(blocks, parts)]
+        widths = [s.stop - s.start for s in subs]
+        send = np.concatenate([local[:, s].ravel() for s in subs])  # [n, w_0], [n, w_1]...: each rank's, row-major
+        received = torch.empty(total * widths[rank], dtype=dtype)
+        dist.all_to_all_single(received, torch.from_numpy(send), output_split_sizes=[r * widths[rank] for r in rows],
+                               input_split_sizes=[n * w for w in widths], group=group)
+        out[:, parts[rank]] = received.numpy().reshape(total, widths[rank])  # each rank's [n_r, w] in rank order
+    return out
 
 
 def gather_rows(local: np.ndarray, group: dist.ProcessGroup | None) -> np.ndarray | None:

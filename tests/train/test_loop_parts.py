@@ -19,7 +19,7 @@ from mlcls_ray import model_dir
 from mlcls_ray.metrics import calibrate_thresholds, mean_average_precision
 from mlcls_ray.models.zoo import ModelSpec, build_model
 from mlcls_ray.precision import autocast_dtype
-from mlcls_ray.train import checkpoint
+from mlcls_ray.train import checkpoint, scoring
 from mlcls_ray.train.loop import RAY_REPORT_LOGGER, make_ema
 from mlcls_ray.train.optim import build_optimizer
 from mlcls_ray.train.progress import RunLog
@@ -102,7 +102,9 @@ def _val_epochs() -> tuple[list[list[np.ndarray]], np.ndarray]:
 
 def _select_epochs(rank: int, world: int, port: int, output: str) -> None:
     """Rank ``rank`` of ``world`` gloo processes (one process without a group) runs select_best on its share of the
-    val rows (60 and 43: uneven, as Ray's split may leave them), as the training loop does each epoch."""
+    val rows (60 and 43: uneven, as Ray's split may leave them), as the training loop does each epoch. The exchange
+    moves the scores in 3 rounds of classes (a 512-byte buffer), the labels in one."""
+    scoring._EXCHANGE_BYTES = 512  # a spawned rank's own module; the test's process restores its own
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=120))  # a failed rank stops the other within the test
@@ -124,10 +126,11 @@ def _select_epochs(rank: int, world: int, port: int, output: str) -> None:
         dist.destroy_process_group()
 
 
-def test_class_sharded_selection_on_two_gloo_ranks_equals_one_process(tmp_path):
+def test_class_sharded_selection_on_two_gloo_ranks_equals_one_process(tmp_path, monkeypatch):
     """Each rank computes the AP and thresholds of its block of classes over every rank's rows: the mAPs, the
     divergence count, the choice and the saved thresholds are those of one process holding every row, and equal
     to the metrics of the whole matrix."""
+    monkeypatch.setattr(scoring, "_EXCHANGE_BYTES", scoring._EXCHANGE_BYTES)
     _select_epochs(0, 1, 0, str(tmp_path / "one"))
     port = free_port()
     other = mp.get_context("spawn").Process(target=_select_epochs, args=(1, 2, port, str(tmp_path / "two")))
