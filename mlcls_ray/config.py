@@ -125,8 +125,9 @@ SCHEMA: dict[str, Key] = {
     "Predict.input": Key(str, f"an image, a folder, a list file or a prefix, {_PATH}", nullable=True),
     "Predict.threshold": Key(object, _THRESHOLD, nullable=True, parse=thresholds.parse),
     "Label.model_dir": Key(str, f"model folder, {_PATH}; null = <Global.output>/best_model", nullable=True),
-    "Label.input": Key(str, f"a folder or prefix (walked for images), or a list file of image URIs; {_PATH}",
-                       nullable=True),
+    "Label.input": Key(str, f"a folder or prefix (walked for images; an s3:// prefix is listed by Ray tasks, one "
+                       "per sub-prefix), a list file of image URIs, or an S3 Inventory report's manifest.json (CSV "
+                       f"or Parquet); {_PATH}", nullable=True),
     "Label.output": Key(str, f"where the Parquet labels go, {_PATH}; null = <Global.output>/labels", nullable=True),
     "Label.batch_size": Key(int, "images per inference batch", min=1),
     "Label.concurrency": Key(int, "inference actors; null = one per GPU (gpu:0,1 is 2; plain gpu every GPU the "
