@@ -53,12 +53,14 @@ def _allocate(count: int, desire: np.ndarray, room: np.ndarray) -> np.ndarray:
     return alloc
 
 
-def _held(offsets: np.ndarray, ids: np.ndarray, num_classes: int, empty: np.ndarray, rows: np.ndarray
-          ) -> np.ndarray:
-    """``[C+1]`` int64 positives of each label, "no label" last, among some rows."""
-    counts = np.zeros(num_classes + 1, np.int64)
-    counts[:-1] = np.bincount(csr_take(offsets, ids, rows)[1], minlength=num_classes)
-    counts[-1] = int(empty[rows].sum())
+def _placed(offsets: np.ndarray, ids: np.ndarray, num_classes: int, empty: np.ndarray, rows: np.ndarray,
+            subset: np.ndarray, k: int) -> np.ndarray:
+    """``[K, C+1]`` int64 positives of each label, "no label" last, that some rows bring to their subsets."""
+    taken, got = csr_take(offsets, ids, rows)
+    counts = np.zeros((k, num_classes + 1), np.int64)
+    counts[:, :-1] = np.bincount(np.repeat(subset, np.diff(taken)) * num_classes + got,
+                                 minlength=k * num_classes).reshape(k, num_classes)
+    counts[:, -1] = np.bincount(subset[empty[rows]], minlength=k)
     return counts
 
 
@@ -91,6 +93,7 @@ def iterative_stratification(offsets: np.ndarray, ids: np.ndarray, num_classes: 
     empty = np.diff(offsets) == 0
     starts, members = rows_by_class(offsets, ids, num_classes)  # each label's rows, ascending: no column unpacked
     totals = np.append(np.diff(starts), empty.sum())  # [C+1]
+    k = len(sizes)
     ratios = np.asarray(sizes, np.float64) / max(n, 1)
     want_label = np.outer(ratios, totals)  # [K, C+1] positives each subset still lacks
     room = np.asarray(sizes, np.int64)  # [K] samples each subset still lacks
@@ -102,15 +105,13 @@ def iterative_stratification(offsets: np.ndarray, ids: np.ndarray, num_classes: 
         rows = np.flatnonzero(empty) if label == num_classes else members[starts[label]:starts[label + 1]]
         rows = rows[assigned[rows] < 0]
         rows = rows[np.argsort(priority[rows], kind="stable")]
-        start = 0
-        for subset, count in enumerate(_allocate(len(rows), want_label[:, label], room)):
-            chosen = rows[start:start + count]
-            start += count
-            assigned[chosen] = subset
-            placed = _held(offsets, ids, num_classes, empty, chosen)
-            want_label[subset] -= placed
-            room[subset] -= count
-            remaining -= placed
+        counts = _allocate(len(rows), want_label[:, label], room)  # [K] the first rows to subset 0, and so on
+        subset = np.repeat(np.arange(k), counts)
+        assigned[rows] = subset
+        placed = _placed(offsets, ids, num_classes, empty, rows, subset, k)  # [K, C+1]
+        want_label -= placed
+        room -= counts
+        remaining -= placed.sum(axis=0)
     return assigned
 
 
