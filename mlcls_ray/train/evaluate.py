@@ -166,7 +166,8 @@ def _score_scratch_block(uri: str, block: int, lo: int, hi: int, thresholds: np.
     good = pc.equal(table["error_kind"], "")
     failed = pc.value_counts(table["error_kind"].filter(pc.invert(good))).to_pylist()
     table = table.filter(good).sort_by("index")  # manifest order, as the cross-fitted halves need
-    logits = table[f"scores_{block}"].combine_chunks().flatten().to_numpy().reshape(-1, hi - lo)
+    scores = table[f"scores_{block}"].combine_chunks().flatten()
+    logits = scores.to_numpy(zero_copy_only=False, writable=True).reshape(-1, hi - lo)  # torch takes writable arrays
     labels = _block_labels(table["label_ids"].combine_chunks(), lo, hi)
     return {**score_block(logits, labels, thresholds), "images": len(table),
             "failed": {v["values"]: v["counts"] for v in failed}}
