@@ -28,6 +28,7 @@ import ray
 from mlcls_ray import storage
 from mlcls_ray.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from mlcls_ray.data.manifest import Manifest
+from mlcls_ray.data.manifest_rows import manifest_rows
 
 __all__ = ["DEFAULT_MAX_FILE_BYTES", "fetch_files", "read_images"]
 
@@ -173,7 +174,8 @@ def _rows_per_block(rows: int) -> int:
 
 def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes", "none"] = "rgb",
                 max_pixels: int = DEFAULT_MAX_PIXELS, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                batch_size: int = 16, shuffle: bool = False) -> ray.data.Dataset:
+                batch_size: int = 16, shuffle: bool = False, order: np.ndarray | None = None,
+                stage: str | None = None) -> ray.data.Dataset:
     """Stream every image of a manifest through the one decoder, as a Ray Dataset.
 
     Args:
@@ -186,6 +188,9 @@ def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes",
         batch_size: images decoded per batch; it bounds a task's memory (batch x decoded image size).
         shuffle: on every pass (an epoch), visit the manifest's blocks in a new random order and each block's
             rows in a new random order; only manifest rows move (at most 10,000 per block), no image.
+        order: the manifest rows in the order the blocks take them (default: list order).
+        stage: a folder under the run's output (:func:`mlcls_ray.data.manifest_rows.staging`) where a large
+            manifest's rows are written once as Parquet and read on the workers, not put from the driver.
 
     Returns:
         A dataset with one row per manifest row: ``index`` (the manifest row), ``path``, ``label_ids`` (the row's
@@ -194,8 +199,7 @@ def read_images(manifest: Manifest, root: str, *, image: Literal["rgb", "bytes",
         ``image="none"`` (empty for a bad one). Rows come in no particular order.
     """
     fs, fs_root = storage.resolve(root)
-    blocks = manifest.to_blocks(_rows_per_block(len(manifest)))
-    rows = ray.data.from_arrow(blocks)
+    rows = manifest_rows(manifest, _rows_per_block(len(manifest)), order=order, stage=stage)
     if shuffle:
         rows = rows.randomize_block_order().map_batches(_permute_rows, batch_size=None, batch_format="pyarrow")
     return rows.map_batches(

@@ -71,19 +71,20 @@ class TorchBatches(NumpyBatchCollateFn):
 
 
 def train_dataset(manifest: Manifest, root: str, *, augment: str, size: int, max_pixels: int,
-                  max_file_bytes: int, seed: int) -> ray.data.Dataset:
-    """Decoded, augmented training images; rows are shuffled once here, blocks on every epoch."""
+                  max_file_bytes: int, seed: int, stage: str | None = None) -> ray.data.Dataset:
+    """Decoded, augmented training images; rows are shuffled once here, blocks on every epoch. ``stage``: see
+    :func:`mlcls_ray.data.pipeline.read_images`."""
     order = np.random.default_rng(seed).permutation(len(manifest))
-    images = read_images(manifest.select(order), root, image="rgb", max_pixels=max_pixels,
-                         max_file_bytes=max_file_bytes, batch_size=_BATCH, shuffle=True)
+    images = read_images(manifest, root, image="rgb", max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+                         batch_size=_BATCH, shuffle=True, order=order, stage=stage)
     return images.map_batches(_train_batch, fn_kwargs={"augment": augment, "size": size}, batch_size=_BATCH,
                               batch_format="numpy", num_cpus=1)
 
 
-def val_dataset(manifest: Manifest, root: str, *, size: int, max_pixels: int, max_file_bytes: int
-                ) -> ray.data.Dataset:
+def val_dataset(manifest: Manifest, root: str, *, size: int, max_pixels: int, max_file_bytes: int,
+                stage: str | None = None) -> ray.data.Dataset:
     """Decoded validation images, squish-resized as every inference path does."""
     images = read_images(manifest, root, image="rgb", max_pixels=max_pixels, max_file_bytes=max_file_bytes,
-                         batch_size=_BATCH)
+                         batch_size=_BATCH, stage=stage)
     return images.map_batches(_val_batch, fn_kwargs={"size": size}, batch_size=_BATCH, batch_format="numpy",
                               num_cpus=1)

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from mlcls_ray import results, storage
 from mlcls_ray.config import Config, device_count
 from mlcls_ray.data.manifest import Manifest
+from mlcls_ray.data.manifest_rows import staging
 from mlcls_ray.data.mlcls_format import LABEL_FILE, format_label_file, read_splits
 from mlcls_ray.data.problems import ProblemLog
 from mlcls_ray.devices import short_of
@@ -157,11 +158,11 @@ def _worker_env() -> dict[str, str]:
 def run_train(cfg: Config) -> int:
     """Train; returns the exit code. Any failure also leaves PaddleX's ``done_flag: false`` record."""
     output = storage.absolute(cfg["Global.output"])  # rank 0 writes here, from its own working folder
-    with results.failure_recorded(output, results.TRAIN_RESULT):
-        return _train(cfg, output)
+    with results.failure_recorded(output, results.TRAIN_RESULT), staging(output) as stage:
+        return _train(cfg, output, stage)
 
 
-def _train(cfg: Config, output: str) -> int:
+def _train(cfg: Config, output: str, stage: str) -> int:
     root = cfg["Global.dataset_dir"].rstrip("/")
     with ProblemLog() as problems:
         names, train, val = _read_splits(root, problems)
@@ -194,8 +195,8 @@ def _train(cfg: Config, output: str) -> int:
                                      "max_file_bytes": cfg["Global.max_file_bytes"]}
     ray.data.DataContext.get_current().enable_progress_bars = False  # the per-epoch lines say more
     datasets = {"train": train_dataset(train, root, augment=cfg["Train.augment"] or "none", size=size,
-                                       seed=cfg["Train.seed"], **limits),
-                "val": val_dataset(val, root, size=size, **limits)}
+                                       seed=cfg["Train.seed"], stage=storage.join(stage, "train"), **limits),
+                "val": val_dataset(val, root, size=size, stage=storage.join(stage, "val"), **limits)}
     config = {
         "spec": spec.to_dict(), "label_names": names, "output": output, "run_name": run_name,
         "init_weights": init_weights, "resume_from": resume, "threads": threads, "seed": cfg["Train.seed"],
