@@ -19,6 +19,7 @@ from mlcls_ray.data import report
 from mlcls_ray.data.convert import convert_coco
 from mlcls_ray.data.images import decode_image
 from mlcls_ray.data.manifest import Manifest
+from mlcls_ray.data.manifest_rows import staging
 from mlcls_ray.data.mlcls_format import LABEL_FILE, SPLITS, drop_duplicates, read_dataset, split_rows
 from mlcls_ray.data.parquet_lists import list_suffix, set_aside_other_form
 from mlcls_ray.data.pipeline import read_images
@@ -67,22 +68,26 @@ def _label_file_ref(root: str, output: str) -> str:
     return os.path.relpath(storage.resolve(label_uri)[1], storage.resolve(storage.join(output, "check_dataset"))[1])
 
 
-def _decode_all(manifest: Manifest, root: str, max_pixels: int, max_file_bytes: int,
+def _decode_all(manifest: Manifest, root: str, output: str, max_pixels: int, max_file_bytes: int,
                 problems: ProblemLog) -> tuple[np.ndarray, report.SizeStats]:
-    """Read and decode every image on Ray; returns ``[N]`` bool (decoded fine) and their size statistics."""
+    """Read and decode every image on Ray; returns ``[N]`` bool (decoded fine) and their size statistics. A large
+    manifest is staged under ``output`` for the workers to read."""
     good = np.zeros(len(manifest), bool)
     sizes = report.SizeStats()
     if not len(manifest):
         return good, sizes
-    ds = read_images(manifest, root, image="none", max_pixels=max_pixels, max_file_bytes=max_file_bytes)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ok = batch["error_kind"] == ""
-        good[batch["index"][ok]] = True
-        sizes.add(batch["width"][ok], batch["height"][ok])
-        bad = ~ok
-        for row, path, kind, reason in zip(batch["index"][bad], batch["path"][bad], batch["error_kind"][bad],
-                                           batch["error_reason"][bad]):
-            problems.append(Problem(kind, manifest.files[manifest.file[row]], int(manifest.line[row]), reason, path))
+    with staging(output) as stage:
+        ds = read_images(manifest, root, image="none", max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+                         stage=stage)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ok = batch["error_kind"] == ""
+            good[batch["index"][ok]] = True
+            sizes.add(batch["width"][ok], batch["height"][ok])
+            bad = ~ok
+            for row, path, kind, reason in zip(batch["index"][bad], batch["path"][bad], batch["error_kind"][bad],
+                                               batch["error_reason"][bad]):
+                problems.append(Problem(kind, manifest.files[manifest.file[row]], int(manifest.line[row]), reason,
+                                        path))
     return good, sizes
 
 
@@ -95,7 +100,7 @@ def check_dataset(root: str, output: str, max_pixels: int, max_file_bytes: int, 
     out_check = storage.join(output, "check_dataset")
     names, manifest = read_dataset(root, problems)
     manifest = drop_duplicates(manifest, problems)
-    good, sizes = _decode_all(manifest, root, max_pixels, max_file_bytes, problems)
+    good, sizes = _decode_all(manifest, root, output, max_pixels, max_file_bytes, problems)
 
     splits = {s: split_rows(manifest, s) for s in SPLITS}
     attributes = {

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlcls_ray.cli import main
 from mlcls_ray.data.mlcls_format import read_splits
 from mlcls_ray.data.parquet_lists import list_file, read_parquet_list, write_parquet_list
 from mlcls_ray.data.problems import Problem
+from mlcls_ray.data.synthetic import generate
 
 
 def _write(path, paths, labels, **columns) -> str:
@@ -109,3 +113,26 @@ def test_thousands_of_classes_stay_sets(tmp_path):
     assert train.sparse and train.nbytes < 100 * 100  # packed bits would be 625 bytes a row
     assert train.class_counts()[[3, 4999, 4900, 2500]].tolist() == [10, 1, 1, 0]
     assert val.labels(slice(None)).nonzero()[1].tolist() == [7]
+
+
+def test_convert_split_and_check_through_parquet_lists(ray_start_2_cpus, tmp_path, monkeypatch):
+    monkeypatch.setattr("mlcls_ray.data.manifest_rows.STAGE_ROWS", 10)  # the check reads staged rows on workers
+    root = generate(tmp_path / "demo", 60, seed=3)
+    for name in ("label.txt", "train.txt", "val.txt"):
+        (root / name).unlink()
+    settings = ["Global.mode=check_dataset", f"Global.dataset_dir={root}", "CheckDataset.convert.enable=True",
+                "CheckDataset.convert.src_dataset_type=COCO", "CheckDataset.convert.list_format=parquet",
+                "CheckDataset.split.enable=True", "CheckDataset.split.train_percent=75",
+                "CheckDataset.split.val_percent=25"]
+    for run in ("out1", "out2"):
+        args = [*settings, f"Global.output={tmp_path / run}"]
+        assert main(["-c", "PP-LCNet_x1_0_ML", *[a for s in args for a in ("-o", s)]]) == 0
+        if run == "out1":
+            lists = {p.name: p.read_bytes() for p in root.glob("*.parquet")}
+    assert {p.name: p.read_bytes() for p in root.glob("*.parquet")} == lists  # the second run rewrote nothing
+    assert sorted(p.name for p in root.glob("*.txt*")) == ["label.txt"]  # no text list beside the Parquet ones
+    result = json.loads((tmp_path / "out2" / "check_dataset_result.json").read_text())
+    assert result["check_pass"] and (result["attributes"]["train_samples"], result["attributes"]["val_samples"]) == (
+        45, 15)
+    assert pq.read_table(root / "val.parquet").num_rows == 15
+    assert not list((tmp_path / "out2").glob(".mlcls-rows-*"))  # the staged rows are gone
