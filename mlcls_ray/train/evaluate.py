@@ -207,7 +207,8 @@ def _evaluate(cfg: Config, output: str) -> int:
     try:
         fs, path = storage.resolve(scratch)
         scored.write_parquet(path, filesystem=fs)
-        task = ray.remote(_score_scratch_block).options(runtime_env={"env_vars": storage.aws_settings()})
+        task = ray.remote(_score_scratch_block).options(  # the logits, a copy, the probabilities and sort buffers
+            memory=5 * 4 * n * width, runtime_env={"env_vars": storage.aws_settings()})
         thresholds = np.asarray(info.thresholds, np.float32)
         blocks = ray.get([task.remote(scratch, b, lo, hi, thresholds[lo:hi])
                           for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
