@@ -1,5 +1,6 @@
 """The training loop's parts without a training run: precision choice, EMA decay, weight-decay exemptions,
-divergence, checkpoint compatibility, the val split and the Ray logger it silences."""
+divergence, class-sharded model selection on 2 gloo ranks, checkpoint compatibility, the val split and the Ray logger
+it silences."""
 
 from __future__ import annotations
 
