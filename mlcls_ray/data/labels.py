@@ -11,10 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["csr_dense", "csr_pack", "csr_take", "dense", "ids_dtype", "packed_to_csr", "rows_by_class"]
+__all__ = ["csr_dense", "csr_pack", "csr_take", "dense", "ids_dtype", "packed_counts", "packed_to_csr",
+           "rows_by_class"]
 
 _ROWS = 1 << 20  # rows gathered or indexed at a time: bounds every temporary to a few tens of MB
 _DENSE_BYTES = 32 << 20  # dense label rows built at a time
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
 
 
 def ids_dtype(num_classes: int) -> np.dtype:
@@ -56,13 +58,17 @@ def csr_take(offsets: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> tuple[np
     return new, out
 
 
+def packed_counts(packed: np.ndarray) -> np.ndarray:
+    """``[n]`` int64 labels of each bit-packed row (a popcount of its bytes)."""
+    return _POPCOUNT[packed].sum(axis=1, dtype=np.int64)
+
+
 def packed_to_csr(packed: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """CSR ``(offsets, ids)`` of bit-packed labels (``np.packbits(y, axis=1)``); ids come out sorted per row."""
-    popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.int64)
     offsets = np.zeros(len(packed) + 1, np.int64)
     step = max(1, _DENSE_BYTES // max(num_classes, 1))
     for a in range(0, len(packed), step):
-        offsets[a + 1:a + step + 1] = popcount[packed[a:a + step]].sum(axis=1)
+        offsets[a + 1:a + step + 1] = packed_counts(packed[a:a + step])
     np.cumsum(offsets, out=offsets)
     ids = np.empty(int(offsets[-1]), ids_dtype(num_classes))
     for a in range(0, len(packed), step):

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mlcls_ray.data.labels import csr_dense, csr_pack, csr_take, ids_dtype, packed_to_csr
+from mlcls_ray.data.labels import csr_dense, csr_pack, csr_take, ids_dtype, packed_counts, packed_to_csr
 
 __all__ = ["Manifest"]
 
@@ -74,7 +74,7 @@ class Manifest:
             np.concatenate([lines for _, _, lines, _ in parts]).astype(np.uint32, copy=False),
             np.concatenate([packed for _, _, _, packed in parts]),
         )
-        nnz = int(manifest.labels_per_image().sum(dtype=np.int64))
+        nnz = sum(int(packed_counts(packed).sum()) for _, _, _, packed in parts)
         if _sparse_bytes(len(manifest), nnz, num_classes) >= manifest.packed.nbytes:
             return manifest
         offsets, ids = packed_to_csr(manifest.packed, num_classes)
@@ -183,11 +183,10 @@ class Manifest:
         dtype = np.uint16 if self.num_classes < 1 << 16 else np.uint32
         if self.sparse:
             return np.diff(self.offsets).astype(dtype)
-        popcount = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(dtype)
         out = np.empty(len(self), dtype)
         step = self.chunk_rows()
         for start in range(0, len(self), step):
-            out[start:start + step] = popcount[self.packed[start:start + step]].sum(axis=1, dtype=dtype)
+            out[start:start + step] = packed_counts(self.packed[start:start + step])
         return out
 
     def select(self, rows: np.ndarray) -> Manifest:

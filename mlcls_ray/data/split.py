@@ -149,9 +149,15 @@ def split_dataset(root: str, train_percent: int, seed: int, problems: ProblemSin
     sizes = split_sizes(len(manifest), train_percent)
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))  # each row's place in path order: the split never sees the files' order
-    assigned = iterative_stratification(*manifest.label_ids(), manifest.num_classes, sizes, seed, rank)
-    out = out or root
+    del order
     parquet = any(f.endswith(PARQUET_SUFFIX) for f in manifest.files)
+    files, file, line, num_classes = manifest.files, manifest.file, manifest.line, manifest.num_classes
+    labels = manifest.label_ids()
+    if not parquet:
+        del manifest  # text lines are copied by number: their paths and bits need not be held while stratifying
+    assigned = iterative_stratification(*labels, num_classes, sizes, seed, rank)
+    del labels, rank
+    out = out or root
     suffix = PARQUET_SUFFIX if parquet else ".txt"
     lists = [storage.join(out, f"{s}{suffix}") for s in SPLITS]
     label = [storage.join(out, LABEL_FILE)] if out != root else []
@@ -164,10 +170,10 @@ def split_dataset(root: str, train_percent: int, seed: int, problems: ProblemSin
                 write_parquet_list(staged[target], manifest.paths.take(pa.array(rows)), *manifest.label_ids(rows))
         else:
             with storage.open_output(staged[lists[0]]) as train, storage.open_output(staged[lists[1]]) as val:
-                for index, file in enumerate(manifest.files):
-                    rows = manifest.file == index
+                for index, name in enumerate(files):
+                    rows = file == index
                     if rows.any():
-                        copy_lines(storage.join(root, file), manifest.line[rows], assigned[rows], [train, val])
+                        copy_lines(storage.join(root, name), line[rows], assigned[rows], [train, val])
     if parquet:
         set_aside_other_form(out, suffix, SPLITS)
     return True
