@@ -28,6 +28,7 @@ from mlcls_ray import model_dir, results, storage  # noqa: E402
 from mlcls_ray.config import Config  # noqa: E402
 from mlcls_ray.data.labels import csr_dense  # noqa: E402
 from mlcls_ray.data.mlcls_format import drop_duplicates, read_dataset  # noqa: E402
+from mlcls_ray.data.manifest_rows import staging  # noqa: E402
 from mlcls_ray.data.pipeline import read_images  # noqa: E402
 from mlcls_ray.data.problems import ProblemLog  # noqa: E402
 from mlcls_ray.data.report import figure_png  # noqa: E402
@@ -176,11 +177,11 @@ def _score_scratch_block(uri: str, block: int, lo: int, hi: int, thresholds: np.
 def run_evaluate(cfg: Config) -> int:
     """Evaluate; returns the exit code. A failure leaves PaddleX's ``done_flag: false`` record."""
     output = cfg["Global.output"]
-    with results.failure_recorded(output, results.EVALUATE_RESULT):
-        return _evaluate(cfg, output)
+    with results.failure_recorded(output, results.EVALUATE_RESULT), staging(output) as stage:
+        return _evaluate(cfg, output, stage)
 
 
-def _evaluate(cfg: Config, output: str) -> int:
+def _evaluate(cfg: Config, output: str, stage: str) -> int:
     weights = storage.absolute(cfg["Evaluate.weight_path"] or storage.join(output, "best_model"))
     info = model_dir.read_info(weights)
     root = cfg["Global.dataset_dir"].rstrip("/")
@@ -201,7 +202,7 @@ def _evaluate(cfg: Config, output: str) -> int:
     actors = inference_actors(cfg["Global.device"])
     kwargs = actors.pop("fn_constructor_kwargs")
     scored = read_images(manifest, root, image="rgb", max_pixels=cfg["Global.max_image_pixels"],
-                         max_file_bytes=cfg["Global.max_file_bytes"]).map_batches(
+                         max_file_bytes=cfg["Global.max_file_bytes"], stage=stage).map_batches(
         _Scorer, fn_constructor_kwargs={"model": weights, "bounds": bounds, **kwargs},
         batch_size=cfg["Evaluate.batch_size"], batch_format="numpy", **actors)
     try:
