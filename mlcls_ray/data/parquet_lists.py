@@ -104,8 +104,9 @@ def _check_ids(labels: pa.Array, num_classes: int, bad: np.ndarray, file: str, f
     row_of = np.repeat(np.arange(n), lengths)  # [nnz] the row of each id; sorting within rows keeps it
     null_id = values.is_null().to_numpy(zero_copy_only=False)
     ids = pc.fill_null(values, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    order = np.lexsort((ids, row_of))
-    ids, null_id = ids[order], null_id[order]
+    if not ((ids[1:] > ids[:-1]) | (row_of[1:] != row_of[:-1])).all():  # lists written sorted (ours) skip the sort
+        order = np.lexsort((ids, row_of))
+        ids, null_id = ids[order], null_id[order]
     outside = ((ids < 0) | (ids >= num_classes)) & ~null_id
     twice = np.zeros(len(ids), bool)
     twice[1:] = (ids[1:] == ids[:-1]) & (row_of[1:] == row_of[:-1]) & ~null_id[1:]
