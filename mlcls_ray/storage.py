@@ -193,7 +193,7 @@ def open_input(uri: str) -> pa.NativeFile:
 
 
 def open_seekable(uri: str) -> pa.NativeFile:
-    """A readable file with random access, for formats read from their end (Parquet); one HEAD more on S3."""
+    """A readable file with random access, for formats read from their end (Parquet: footer first, then ranges)."""
     fs, path = resolve(uri)
     try:
         return fs.open_input_file(path)
