@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from mlcls_ray import model_dir, results, storage  # noqa: E402
 from mlcls_ray.config import Config  # noqa: E402
 from mlcls_ray.data.labels import csr_dense  # noqa: E402
-from mlcls_ray.data.mlcls_format import drop_duplicates, read_dataset  # noqa: E402
 from mlcls_ray.data.manifest_rows import staging  # noqa: E402
+from mlcls_ray.data.mlcls_format import drop_duplicates, read_dataset  # noqa: E402
 from mlcls_ray.data.pipeline import read_images  # noqa: E402
 from mlcls_ray.data.problems import ProblemLog  # noqa: E402
 from mlcls_ray.data.report import figure_png  # noqa: E402
