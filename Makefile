@@ -40,6 +40,8 @@ bench: $(VENV)/.installed
 	$(PY) jobs/bench_accuracy.py
 	$(PY) jobs/bench_check.py --memory 20000
 	$(PY) jobs/bench_manifest.py
+	$(PY) jobs/bench_metrics.py --classes 4000 --baseline-classes 1000
+	$(PY) jobs/bench_listing.py
 	$(PY) jobs/bench_train.py
 	$(PY) jobs/bench_label.py
 	$(PY) jobs/bench_serve.py
