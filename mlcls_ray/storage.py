@@ -181,22 +181,12 @@ def size(uri: str) -> int:
     return info.size
 
 
-def open_input(uri: str) -> pa.NativeFile:
-    """A readable stream over the file (use it as a context manager)."""
+def open_input(uri: str, seekable: bool = False) -> pa.NativeFile:
+    """A readable stream over the file (use it as a context manager); ``seekable`` gives random access, for formats
+    read from their end (Parquet: footer first, then ranges)."""
     fs, path = resolve(uri)
     try:
-        return fs.open_input_stream(path)
-    except FileNotFoundError as exc:
-        raise StorageError(f"{uri}: file not found") from exc
-    except OSError as exc:
-        raise StorageError(f"{uri}: cannot read ({exc})") from exc
-
-
-def open_seekable(uri: str) -> pa.NativeFile:
-    """A readable file with random access, for formats read from their end (Parquet: footer first, then ranges)."""
-    fs, path = resolve(uri)
-    try:
-        return fs.open_input_file(path)
+        return fs.open_input_file(path) if seekable else fs.open_input_stream(path)
     except FileNotFoundError as exc:
         raise StorageError(f"{uri}: file not found") from exc
     except OSError as exc:

@@ -140,7 +140,7 @@ def read_parquet_list(uri: str, file: str, num_classes: int, problems: ProblemSi
         StorageError: the file cannot be opened.
     """
     try:
-        reader = pq.ParquetFile(storage.open_seekable(uri))
+        reader = pq.ParquetFile(storage.open_input(uri, seekable=True))
     except (pa.ArrowInvalid, OSError) as exc:
         if isinstance(exc, storage.StorageError):
             raise
@@ -171,7 +171,7 @@ def read_parquet_list(uri: str, file: str, num_classes: int, problems: ProblemSi
 def max_class_id(uri: str) -> int:
     """The largest class id in a Parquet list (-1 when none can be read): sizes the labels without a label.txt."""
     try:
-        labels = pq.ParquetFile(storage.open_seekable(uri)).read(columns=["labels"]).column("labels")
+        labels = pq.ParquetFile(storage.open_input(uri, seekable=True)).read(columns=["labels"]).column("labels")
         largest = pc.max(pc.list_flatten(labels)).as_py()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError, OSError):
         return -1
