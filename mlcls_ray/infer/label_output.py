@@ -330,13 +330,7 @@ def compact(output: str, shard: int, planned: int, pieces: list[str] | None = No
 
 def remove_work(output: str) -> None:
     """Delete ``_work/`` once every shard has its part."""
-    fs, path = storage.resolve(storage.join(output, WORK_DIR))
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise storage.StorageError(f"{storage.join(output, WORK_DIR)}: cannot delete ({exc})") from exc
+    storage.delete_dir(storage.join(output, WORK_DIR))
 
 
 def read_tally(output: str, done: set[int]) -> dict[int, dict[str, int]]:
