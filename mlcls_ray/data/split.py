@@ -48,8 +48,10 @@ def _allocate(count: int, desire: np.ndarray, room: np.ndarray) -> np.ndarray:
     weights = np.maximum(desire, 0)
     share = count * weights / weights.sum() if weights.sum() > 0 else np.zeros_like(weights)
     alloc = np.minimum(np.floor(share).astype(np.int64), room)
-    for k in np.lexsort((-room, -(share - alloc))):  # the rest where it was wanted most, within the room left
-        alloc[k] += min(count - alloc.sum(), room[k] - alloc[k])
+    order = np.lexsort((-room, -(share - alloc)))  # the rest where it was wanted most, within the room left:
+    for cap in (1, count):  # one more each first (largest remainders), then what room-capped subsets could not take
+        for k in order:
+            alloc[k] += min(count - alloc.sum(), room[k] - alloc[k], cap)
     return alloc
 
 
