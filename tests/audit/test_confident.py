@@ -1,0 +1,40 @@
+"""The confident-learning rules against a case computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlcls_ray.audit.confident import ClassTally, flag_pairs, pair_quality
+
+# class 0: labelled 1, 1, 1, 0, 0, 0; class 1: labelled 0 everywhere (no positive: it cannot be audited)
+LABELS = np.array([[1, 0], [1, 0], [1, 0], [0, 0], [0, 0], [0, 0]], np.uint8)
+SCORES = np.array([[0.9, 0.9], [0.8, 0.1], [0.1, 0.1], [0.2, 0.1], [0.1, 0.1], [0.85, 0.95]], np.float32)
+
+
+def _thresholds():
+    tally = ClassTally.zeros(2)
+    tally.add(SCORES[:4], LABELS[:4])  # two batches sum as one
+    tally.add(SCORES[4:], LABELS[4:])
+    return tally.thresholds()
+
+
+def test_thresholds_are_the_self_confidences_of_each_class():
+    t = _thresholds()
+    assert t.positive[0] == pytest.approx((0.9 + 0.8 + 0.1) / 3)  # 0.6
+    assert t.negative[0] == pytest.approx((0.2 + 0.1 + 0.85) / 3)  # 0.3833
+    assert np.isnan(t.positive[1]) and list(t.audited) == [True, False]
+
+
+def test_a_confident_contradiction_is_flagged_each_way_and_nothing_else():
+    rows, classes, d, joint = flag_pairs(SCORES, LABELS, _thresholds())
+    assert list(zip(rows, classes)) == [(2, 0), (5, 0)]  # image 2 likely wrong, image 5 likely missing
+    span = 0.6 - 0.38333
+    assert d == pytest.approx([1 - (0.1 - 0.38333) / span, (0.85 - 0.38333) / span], abs=1e-3)  # 2.308, 2.154
+    # [given][confident]: given 0 -> images 3, 4 confidently 0 and image 5 confidently 1; given 1 -> image 2
+    # confidently 0, images 0 and 1 confidently 1; class 1 is not audited, so image 5's 0.95 counts nowhere
+    assert joint[:, :, 0].tolist() == [[2, 1], [1, 2]] and joint[:, :, 1].tolist() == [[0, 0], [0, 0]]
+
+
+def test_pair_quality_is_one_when_agreeing_and_half_on_the_flagging_line():
+    assert pair_quality(np.array([-3.0, 0.0, 1.0, 2.0])).tolist() == pytest.approx([1, 1, 0.5, 0.2])
