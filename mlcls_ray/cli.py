@@ -25,6 +25,7 @@ MODES: dict[str, str] = {
     "predict": "mlcls_ray.infer.predict:run_predict",
     "label": "mlcls_ray.infer.label:run_label",
     "serve": "mlcls_ray.infer.serve:run_serve",
+    "audit": "mlcls_ray.audit.run:run_audit",
 }
 _WITHOUT_RAY = ("export", "predict")  # one process: a Ray start-up would cost more than the work
 

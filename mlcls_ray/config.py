@@ -25,8 +25,8 @@ from mlcls_ray.infer import fetch, thresholds
 __all__ = ["SCHEMA", "Config", "ConfigError", "Key", "device_count", "list_presets", "load_config",
            "parse_override"]
 
-MODES = ("check_dataset", "train", "evaluate", "export", "predict", "label", "serve")
-_DATASET_MODES = ("check_dataset", "train", "evaluate")  # the modes that read Global.dataset_dir
+MODES = ("check_dataset", "train", "evaluate", "export", "predict", "label", "serve", "audit")
+_DATASET_MODES = ("check_dataset", "train", "evaluate", "audit")  # the modes that read Global.dataset_dir
 _BASE = "_timm_ML"  # every preset's base, and the whole recipe of any timm backbone named as `-c <timm_name>_ML`
 
 
@@ -139,6 +139,8 @@ SCHEMA: dict[str, Key] = {
                         "top:K with K >= 1, e.g. top:5"),
     "Label.scores_dtype": Key(str, "the scores' type; float16 halves their bytes (about 3 significant digits)",
                               choices=("float32", "float16")),
+    "Label.review": Key(int, "write review.parquet with the N images the model is least sure about (0 = off); "
+                        "the parts gain an uncertainty column and keep at least the top 5 scores", min=0),
     "Serve.model_dir": Key(str, f"model folder, {_PATH}; null = <Global.output>/best_model", nullable=True),
     "Serve.host": Key(str, "address the HTTP proxy binds (0.0.0.0 for every interface)"),
     "Serve.port": Key(int, "HTTP port", min=1, max=65535),
@@ -172,6 +174,13 @@ SCHEMA: dict[str, Key] = {
                                 "send; null = no token", nullable=True),
     "Serve.visualize": Key(bool, "return the image with its labels drawn (result.image) when a request does not "
                            "say; PaddleX's default is True"),
+    "Audit.folds": Key(int, "folds of the out-of-fold scores: each image is scored by the model trained on the others",
+                       min=2, max=20),
+    "Audit.scores": Key(str, f"scores to audit instead of training the folds: Parquet with path and scores (one "
+                        f"probability per class), a file or a folder, {_PATH}", nullable=True),
+    "Audit.apply": Key(str, "a reviewed decisions file (review.html's audit_decisions.csv, or Parquet) whose accepted "
+                       f"rows rewrite the dataset's lists, old ones kept as .bak; {_PATH}", nullable=True),
+    "Audit.review_limit": Key(int, "issues shown on review.html (the most likely first)", min=1),
     # PaddleX YAMLs say `paddle`; it is accepted so they load unchanged, and means the one engine there is: torch
     "Predict.kernel_option.run_mode": Key(str, "inference engine", choices=("torch", "paddle")),
 }

@@ -32,6 +32,7 @@ __all__ = [
     "format_label_file",
     "format_line",
     "iter_lines",
+    "line_bounds",
     "parse_label_file",
     "parse_list",
     "read_dataset",
@@ -173,7 +174,7 @@ def _parse_line(line: str, lineno: int, file: str, num_classes: int, expected: s
     return posixpath.normpath(path), labels
 
 
-def _line_bounds(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def line_bounds(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Start, end (exclusive, before any ``\r``) and line break (the ``\n``, or ``len(a)``) of each line of a chunk."""
     breaks = np.flatnonzero(a == 10)
     if len(a) and a[-1] != 10:
@@ -229,7 +230,7 @@ def parse_list(data: bytes, file: str, num_classes: int, problems: ProblemSink, 
     """
     expected = expected or f"label.txt defines {num_classes} classes"
     a = np.frombuffer(data, np.uint8)
-    starts, ends, _ = _line_bounds(a)
+    starts, ends, _ = line_bounds(a)
     n = len(starts)
     tabs = np.flatnonzero(a == 9)
     tab_line = np.searchsorted(starts, tabs, side="right") - 1
@@ -319,7 +320,7 @@ def copy_lines(uri: str, lines: np.ndarray, choice: np.ndarray, outputs: Sequenc
     """
     for data, first_line in iter_lines(uri):
         a = np.frombuffer(data, np.uint8)
-        starts, ends, breaks = _line_bounds(a)
+        starts, ends, breaks = line_bounds(a)
         lo, hi = np.searchsorted(lines, [first_line, first_line + len(starts)])
         here, where = lines[lo:hi] - first_line, choice[lo:hi]
         for k, out in enumerate(outputs):
@@ -335,7 +336,7 @@ def copy_lines(uri: str, lines: np.ndarray, choice: np.ndarray, outputs: Sequenc
 def _majority_length(data: bytes) -> int | None:
     """The label vector length most lines of a chunk have (counting commas), for a dataset without a label.txt."""
     a = np.frombuffer(data, np.uint8)
-    starts, ends, _ = _line_bounds(a)
+    starts, ends, _ = line_bounds(a)
     lines = starts[ends > starts]
     commas = np.bincount(np.searchsorted(lines, np.flatnonzero(a == ord(",")), side="right") - 1,
                          minlength=len(lines))

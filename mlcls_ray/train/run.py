@@ -155,17 +155,23 @@ def _worker_env() -> dict[str, str]:
     return {**storage.aws_settings(), **forwarded}
 
 
-def run_train(cfg: Config) -> int:
-    """Train; returns the exit code. Any failure also leaves PaddleX's ``done_flag: false`` record."""
+def run_train(cfg: Config, splits: tuple[list[str], Manifest, Manifest] | None = None) -> int:
+    """Train; returns the exit code. Any failure also leaves PaddleX's ``done_flag: false`` record.
+
+    ``splits`` (class names, train rows, val rows of ``Global.dataset_dir``) replaces reading its lists: the
+    audit's folds.
+    """
     output = storage.absolute(cfg["Global.output"])  # rank 0 writes here, from its own working folder
     with results.failure_recorded(output, results.TRAIN_RESULT), staging(output) as stage:
-        return _train(cfg, output, stage)
+        return _train(cfg, output, stage, splits)
 
 
-def _train(cfg: Config, output: str, stage: str) -> int:
+def _train(cfg: Config, output: str, stage: str, splits: tuple[list[str], Manifest, Manifest] | None) -> int:
     root = cfg["Global.dataset_dir"].rstrip("/")
-    with ProblemLog() as problems:
-        names, train, val = _read_splits(root, problems)
+    if splits is None:
+        with ProblemLog() as problems:
+            splits = _read_splits(root, problems)
+    names, train, val = splits
     if cfg["Train.num_classes"] not in (None, len(names)):
         raise TrainSetupError(f"Train.num_classes={cfg['Train.num_classes']}, but label.txt names {len(names)} "
                               "classes; set it to null or fix label.txt")
