@@ -3,9 +3,11 @@ Data, streaming end to end, idempotent and resumable.
 
 ``Label.output`` holds the shard plan, the work in progress and the part files (layout:
 :mod:`mlcls_ray.infer.label_output`): ``part-<shard>.parquet``, one per shard, each input row exactly once
-(``path``, ``class_ids``, ``label_names``, the scores kept by ``Label.scores``, ``error_kind``, ``error``), written
-atomically; ``_SUCCESS``, a JSON summary written once every shard is complete (removed when a rerun starts);
-``_FAILURE``, the record of a failed run. Readers take ``part-*.parquet``.
+(``path``, ``class_ids``, ``label_names``, the scores kept by ``Label.scores``, with ``Label.review`` an
+``uncertainty``, ``error_kind``, ``error``), written atomically; with ``Label.review=N``, ``review.parquet`` and
+``review.html``, the N images the model is least sure about (:mod:`mlcls_ray.infer.review_queue`); ``_SUCCESS``, a
+JSON summary written once every shard is complete (removed when a rerun starts); ``_FAILURE``, the record of a failed
+run. Readers take ``part-*.parquet``.
 
 One run at a time: the run holds a lease on the output (:mod:`mlcls_ray.infer.lease`), and a second live run is
 refused. A rerun never lists the input again and must match what made the rows (model weights, classes,
@@ -33,8 +35,9 @@ from mlcls_ray.config import Config
 from mlcls_ray.data.images import ImageDecodeError, device_decodable
 from mlcls_ray.data.pipeline import fetch_files
 from mlcls_ray.infer import label_output as out
-from mlcls_ray.infer import thresholds
+from mlcls_ray.infer import review_queue, thresholds
 from mlcls_ray.infer.actors import inference_actors
+from mlcls_ray.infer.inputs import input_kind
 from mlcls_ray.infer.label_output import LabelSetupError
 from mlcls_ray.infer.lease import Lease
 from mlcls_ray.infer.predictor import Predictor, decode_square
@@ -85,8 +88,10 @@ class _Labeler:
     """Ray Data actor: rows of decoded squares (on a GPU also JPEG files, decoded there) -> label rows, through the
     Predictor."""
 
-    def __init__(self, model: str, device: str, threads: int, threshold, max_pixels: int, device_decode: bool):
+    def __init__(self, model: str, device: str, threads: int, threshold, max_pixels: int, device_decode: bool,
+                 review: bool = False):
         torch.set_num_threads(threads)
+        self.review = review
         self.predictor = Predictor(model, device, max_pixels=max_pixels, threshold=threshold,
                                    device_decode=device_decode)
 
@@ -104,8 +109,9 @@ class _Labeler:
             for i, exc in zip(good, errors):
                 if exc is not None:
                     kinds[i], reasons[i] = exc.kind, exc.reason
+        unsure = review_queue.uncertainty(probs, self.predictor.thresholds) if self.review else None
         return out.label_rows(batch["shard"], batch["row"], batch["path"], probs, self.predictor.labels(probs),
-                              kinds, reasons)
+                              kinds, reasons, unsure)
 
 
 def _normal(uri: str) -> str:
@@ -125,19 +131,32 @@ def run_label(cfg: Config) -> int:
         return _label(cfg, output, lease)
 
 
-def _columns(scores: str) -> list[str]:
+def _columns(scores: str, review: int) -> list[str]:
     kept = {"all": ["scores"], "none": []}.get(scores, ["top_class_ids", "top_scores"])
-    return ["path", "class_ids", "label_names", *kept, "error_kind", "error"]
+    return ["path", "class_ids", "label_names", *kept, *(["uncertainty"] if review else []), "error_kind", "error"]
+
+
+def _kept(scores: str, review: int) -> str:
+    """The scores the parts keep: a review queue shows each image's top classes, so with one at least the top 5."""
+    if not review or scores == "all":
+        return scores
+    k = 0 if scores == "none" else int(scores.split(":")[1])
+    return f"top:{max(k, review_queue.REVIEW_TOP)}"
 
 
 def _label(cfg: Config, output: str, lease: Lease) -> int:
     model = _normal(cfg["Label.model_dir"] or storage.join(cfg["Global.output"], "best_model"))
     info = model_dir.read_info(model)
-    threshold, scores = cfg["Label.threshold"], cfg["Label.scores"]
+    threshold, review = cfg["Label.threshold"], cfg["Label.review"]
+    scores = _kept(cfg["Label.scores"], review)
+    if scores != cfg["Label.scores"]:
+        print(f"[Label] Label.review={review} keeps {scores} scores per image (Label.scores={cfg['Label.scores']}), "
+              "to show each image's top classes")
     resolved = thresholds.resolve(threshold, info.label_names, info.thresholds)  # a bad one fails here, not in an actor
     source = _normal(cfg["Label.input"])
     plan = out.load_plan(source, output, cfg["Label.shard_size"],
-                         out.producer(model, info, resolved, scores, cfg["Label.scores_dtype"]))
+                         out.producer(model, info, resolved, cfg["Label.scores"], cfg["Label.scores_dtype"],
+                                      review > 0))
     storage.delete(storage.join(output, SUCCESS_FILE))  # incomplete again until this run ends
     done, pieces, temporaries = out.list_output(output)
     for name in temporaries:  # a killed run's half-written files: the lease says no live run owns them
@@ -161,7 +180,7 @@ def _label(cfg: Config, output: str, lease: Lease) -> int:
         print(f"[Label] resuming {output}: {plan['images'] - labeled:,} of {plan['images']:,} images already labeled")
     started = time.monotonic()
     if todo:
-        _run_pipeline(cfg, model, info.spec.image_size, threshold, output, plan, todo, partial, tally, lease)
+        _run_pipeline(cfg, model, info.spec.image_size, threshold, scores, output, plan, todo, partial, tally, lease)
     seconds = time.monotonic() - started
     out.write_tally(output, tally)
     short = [s for s in range(plan["shards"]) if s not in tally]
@@ -173,19 +192,26 @@ def _label(cfg: Config, output: str, lease: Lease) -> int:
     failed = collections.Counter()
     for counts in tally.values():
         failed.update(counts)
+    queue = None
+    if review:  # rewritten by every run that ends here, a rerun of a complete output too
+        root = source if input_kind(source) == "folder" else ""  # reviewed.txt lines are relative to a folder input
+        queue = review_queue.write_review(output, plan["shards"], review, info.label_names, resolved, queue_root=root,
+                                          max_pixels=cfg["Global.max_image_pixels"],
+                                          max_file_bytes=cfg["Global.max_file_bytes"])
     summary = {"done_flag": True, "input": source, "output": output, "model_dir": model,
                "images": plan["images"], "labeled_this_run": labeled, "failed_images": sum(failed.values()),
                "failed_by_kind": dict(failed.most_common()), "shards": plan["shards"],
                "seconds_this_run": round(seconds, 2),
                "images_per_s_this_run": round(labeled / seconds, 2) if labeled and seconds else None,
                "threshold": threshold, "scores": scores, "scores_dtype": cfg["Label.scores_dtype"],
-               "columns": _columns(scores), "read": out.PART_GLOB}
+               "columns": _columns(scores, review), "read": out.PART_GLOB, **({"review": queue} if queue else {})}
     results.write_result(output, SUCCESS_FILE, summary)
     storage.delete(storage.join(output, FAILURE_FILE))
     print(f"[Label] done: {plan['images']:,} images ({labeled:,} this run, "
           f"{summary['images_per_s_this_run'] or 0:,.1f} images/s), {sum(failed.values()):,} failed"
           + (f" ({', '.join(f'{k} {n:,}' for k, n in failed.most_common())})" if failed else "")
-          + f"; Parquet: {storage.join(output, out.PART_GLOB)} (summary: {storage.join(output, SUCCESS_FILE)})")
+          + f"; Parquet: {storage.join(output, out.PART_GLOB)} (summary: {storage.join(output, SUCCESS_FILE)})"
+          + (f"; review queue: {queue['images']:,} images in {queue['file']} and {queue['page']}" if queue else ""))
     _show_rows(output, info.label_names)
     return 0
 
@@ -204,8 +230,8 @@ def _show_rows(output: str, names: list[str], n: int = 3) -> None:
               + (f" (top scores: {', '.join(f'{names[c]} {s:.3f}' for s, c in top)})" if top else ""))
 
 
-def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, plan: dict, todo: dict[int, int],
-                  partial: dict[int, pa.Table], tally: dict[int, dict], lease: Lease) -> None:
+def _run_pipeline(cfg: Config, model: str, size: int, threshold, scores: str, output: str, plan: dict,
+                  todo: dict[int, int], partial: dict[int, pa.Table], tally: dict[int, dict], lease: Lease) -> None:
     """Label the rows still to do (``todo``: rows per shard; ``partial``: the rows left of shards cut short), making
     each shard's part as soon as its pieces are all written and adding its failures to ``tally``; print progress."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # our progress lines say more
@@ -231,9 +257,10 @@ def _run_pipeline(cfg: Config, model: str, size: int, threshold, output: str, pl
         batch_size=_LOAD_BATCH, batch_format="numpy", num_cpus=0.5, runtime_env=env,  # unfused from the actors
     ).map_batches(
         _Labeler, fn_constructor_kwargs={"model": model, "threshold": threshold, "device_decode": gpu,
-                                         "max_pixels": cfg["Global.max_image_pixels"], **kwargs},
+                                         "max_pixels": cfg["Global.max_image_pixels"],
+                                         "review": cfg["Label.review"] > 0, **kwargs},
         batch_size=cfg["Label.batch_size"], batch_format="numpy", **actors,
-    ).map_batches(out.write_pieces, fn_kwargs={"output": output, "scores": cfg["Label.scores"],
+    ).map_batches(out.write_pieces, fn_kwargs={"output": output, "scores": scores,
                                                 "scores_dtype": cfg["Label.scores_dtype"]},
                   batch_size=min(_WRITE_ROWS, plan["shard_size"]), batch_format="pyarrow", num_cpus=0.25,
                   runtime_env=env)

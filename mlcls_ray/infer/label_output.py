@@ -42,8 +42,8 @@ if TYPE_CHECKING:  # the tasks that write plan shards, pieces and parts import t
     from mlcls_ray.model_dir import ModelInfo
 
 __all__ = ["PART_GLOB", "PLAN_DIR", "PROGRESS_S", "LabelSetupError", "compact", "label_rows", "list_output",
-           "load_plan", "planned_rows", "producer", "read_tally", "remaining_rows", "remove_work", "shard_uri",
-           "write_pieces", "write_tally"]
+           "load_plan", "part_uri", "planned_rows", "producer", "read_tally", "remaining_rows", "remove_work",
+           "shard_uri", "write_pieces", "write_tally"]
 
 PLAN_DIR = "_plan"
 WORK_DIR = "_work"
@@ -66,7 +66,7 @@ def shard_uri(output: str, shard: int) -> str:
     return storage.join(output, PLAN_DIR, f"shard-{shard:06d}.parquet")
 
 
-def _part_uri(output: str, shard: int) -> str:
+def part_uri(output: str, shard: int) -> str:
     return storage.join(output, f"part-{shard:06d}.parquet")
 
 
@@ -88,25 +88,28 @@ def _sha256(uri: str, chunk: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
-def producer(model: str, info: ModelInfo, thresholds: np.ndarray, scores: str, scores_dtype: str) -> dict:
+def producer(model: str, info: ModelInfo, thresholds: np.ndarray, scores: str, scores_dtype: str,
+             review: bool = False) -> dict:
     """What makes the rows: the model (its folder, a digest of its weights, its classes and preprocessing), the
-    resolved per-class thresholds and the scores kept. A rerun into the same output must match it."""
+    resolved per-class thresholds, the scores kept and whether rows carry an ``uncertainty`` (``Label.review``). A
+    rerun into the same output must match it."""
     from mlcls_ray import model_dir
 
     spec = info.spec
     return {"model_dir": model, "weights_sha256": _sha256(storage.join(model, model_dir.WEIGHTS_FILE)),
             "image_size": spec.image_size, "mean": [float(m) for m in spec.mean], "std": [float(s) for s in spec.std],
             "label_names": list(info.label_names), "thresholds": [float(t) for t in thresholds],
-            "scores": scores, "scores_dtype": scores_dtype}
+            "scores": scores, "scores_dtype": scores_dtype, "review": review}
 
 
 _WHAT = {"weights_sha256": "the weights (sha256 of model.safetensors)", "image_size": "the image size",
          "mean": "the normalisation mean", "std": "the normalisation std", "label_names": "the classes",
          "thresholds": "the thresholds (Label.threshold or the model's)", "scores": "Label.scores",
-         "scores_dtype": "Label.scores_dtype"}
+         "scores_dtype": "Label.scores_dtype", "review": "whether Label.review > 0 (the uncertainty column)"}
 
 
 def _check_producer(planned: dict, now: dict, output: str) -> None:
+    planned = {"review": False, **planned}  # an output labeled before Label.review existed has no uncertainty
     differ = [k for k in _WHAT if planned.get(k) != now[k]]
     if differ:
         shown = {k: (planned.get(k), now[k]) if k not in ("label_names", "thresholds", "mean", "std") else None
@@ -243,11 +246,13 @@ def remaining_rows(output: str, shard: int, pieces: list[str]) -> pa.Table:
 
 
 def label_rows(shard: np.ndarray, row: np.ndarray, paths: np.ndarray, probs: np.ndarray, labels: list[dict],
-               kinds: np.ndarray, reasons: np.ndarray) -> pa.Table:
+               kinds: np.ndarray, reasons: np.ndarray, uncertainty: np.ndarray | None = None) -> pa.Table:
     """The labeler's rows: plan ``shard`` and ``row``, ``path``, the labels, every class's score (float32, null for
-    an image that failed) and the error columns; :func:`write_pieces` turns the scores into what is kept."""
+    an image that failed), the ``uncertainty`` when given (null for a failed image) and the error columns;
+    :func:`write_pieces` turns the scores into what is kept."""
     ok = kinds == ""
     scores = pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), probs.shape[1], mask=pa.array(~ok))
+    review = {} if uncertainty is None else {"uncertainty": pa.array(uncertainty, pa.float32(), mask=~ok)}
     return pa.table({
         "shard": pa.array(shard, pa.int32()),
         "row": pa.array(row, pa.int32()),
@@ -255,6 +260,7 @@ def label_rows(shard: np.ndarray, row: np.ndarray, paths: np.ndarray, probs: np.
         "class_ids": pa.array([r["class_ids"] if k else [] for r, k in zip(labels, ok)], pa.list_(pa.int32())),
         "label_names": pa.array([r["label_names"] if k else [] for r, k in zip(labels, ok)], pa.list_(pa.string())),
         "scores": scores,
+        **review,
         "error_kind": pa.array([k or None for k in kinds], pa.string()),
         "error": pa.array([r or None for r in reasons], pa.string()),
     })
@@ -322,7 +328,7 @@ def compact(output: str, shard: int, planned: int, pieces: list[str] | None = No
     part = rows.take(pa.array(first)).drop_columns(["row"])
     failed = dict(collections.Counter(k for k in part["error_kind"].to_pylist() if k))
     part = part.replace_schema_metadata({**(part.schema.metadata or {}), _FAILED_KEY: json.dumps(failed)})
-    _write_parquet(_part_uri(output, shard), part)
+    _write_parquet(part_uri(output, shard), part)
     for p in pieces:
         storage.delete(storage.join(output, p))
     return {"shard": shard, "missing": 0, "failed": failed}
@@ -340,7 +346,7 @@ def read_tally(output: str, done: set[int]) -> dict[int, dict[str, int]]:
     tally = {int(k): v for k, v in json.loads(storage.read_text(uri)).items()} if storage.exists(uri) else {}
     tally = {s: v for s, v in tally.items() if s in done}
     for shard in sorted(done - set(tally)):
-        fs, path = storage.resolve(_part_uri(output, shard))
+        fs, path = storage.resolve(part_uri(output, shard))
         meta = pq.read_metadata(path, filesystem=fs).metadata or {}
         tally[shard] = json.loads(meta.get(_FAILED_KEY, b"{}"))
     return tally
