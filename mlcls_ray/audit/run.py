@@ -281,19 +281,19 @@ def _issues(files: list[str], rows_by_file: list[np.ndarray], manifest: Manifest
     joint = np.zeros((2, 2, manifest.num_classes), np.int64)
     for rows, scores in _batches(files, rows_by_file, manifest):
         labels = manifest.labels(rows)
-        r, c, d, part = flag_pairs(scores, labels, thresholds)
+        r, c, z, part = flag_pairs(scores, labels, thresholds)
         joint += part
-        found.append((rows[r], c, d, labels[r, c].astype(np.int8), scores[r, c]))
-    rows, classes, d, given, score = (np.concatenate(parts) for parts in zip(*found))
+        found.append((rows[r], c, z, labels[r, c].astype(np.int8), scores[r, c]))
+    rows, classes, z, given, score = (np.concatenate(parts) for parts in zip(*found))
     worst = np.full(len(manifest), -np.inf, np.float32)
-    np.maximum.at(worst, rows, d)  # each flagged image's largest disagreement: its quality
+    np.maximum.at(worst, rows, z)  # each flagged image's most atypical pair: its quality
     images = np.unique(rows)
     by_quality = images[np.argsort(-worst[images], kind="stable")]  # np.unique sorts by row: ties keep list order
     rank = np.zeros(len(manifest), np.int64)
     rank[by_quality] = np.arange(1, len(images) + 1)
-    quality = pair_quality(d)
+    quality = pair_quality(z)
     order = np.lexsort((quality, rank[rows]))
-    rows, classes, d, given, score, quality = (a[order] for a in (rows, classes, d, given, score, quality))
+    rows, classes, given, score, quality = (a[order] for a in (rows, classes, given, score, quality))
     take = pa.array(rows)
     table = pa.table({
         "path": manifest.paths.take(take),

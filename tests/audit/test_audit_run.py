@@ -4,6 +4,7 @@ out-of-fold training (each image scored by the fold model that never trained on 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,12 @@ def test_given_scores_give_the_hand_computed_issues_ranked(tmp_path):
     audit = tmp_path / "out" / "audit"
     issues = pq.read_table(audit / "issues.parquet").to_pylist()
     assert [(i["path"], i["class_name"], i["kind"], i["given"], i["suggested"], i["rank"]) for i in issues] == [
-        ("images/2.jpg", "cat", "wrong", 1, 0, 1),  # disagreement 2.31: the least trustworthy image
-        ("images/5.jpg", "cat", "missing", 0, 1, 2)]  # 2.15; its dog score 0.95 is no issue: dog has no positives
+        ("images/2.jpg", "cat", "wrong", 1, 0, 1),  # z 1.405: the least trustworthy image
+        ("images/5.jpg", "cat", "missing", 0, 1, 2)]  # z 1.404; its dog score 0.95 is no issue: dog has no positives
     assert issues[1]["list_file"] == "val.txt" and issues[1]["line"] == 2
     assert issues[0]["threshold_positive"] == pytest.approx(0.6) and issues[0]["score"] == pytest.approx(0.1)
-    assert issues[0]["pair_quality"] == issues[0]["quality"] == pytest.approx(1 / (1 + 2.3077 ** 2), abs=1e-3)
+    assert issues[0]["pair_quality"] == issues[0]["quality"] == pytest.approx(math.erfc(1.4049 / math.sqrt(2)),
+                                                                               abs=1e-3)
     result = json.loads((audit / "audit_result.json").read_text())
     assert result["done_flag"] and result["issues"] == {"pairs": 2, "missing": 1, "wrong": 1, "images": 2}
     assert (result["scored_images"], result["failed_images"], result["scores_without_list_line"]) == (6, 1, 1)

@@ -27,14 +27,16 @@ def test_thresholds_are_the_self_confidences_of_each_class():
 
 
 def test_a_confident_contradiction_is_flagged_each_way_and_nothing_else():
-    rows, classes, d, joint = flag_pairs(SCORES, LABELS, _thresholds())
+    rows, classes, z, joint = flag_pairs(SCORES, LABELS, _thresholds())
     assert list(zip(rows, classes)) == [(2, 0), (5, 0)]  # image 2 likely wrong, image 5 likely missing
-    span = 0.6 - 0.38333
-    assert d == pytest.approx([1 - (0.1 - 0.38333) / span, (0.85 - 0.38333) / span], abs=1e-3)  # 2.308, 2.154
+    # how atypical each score is in its label group: positives 0.9, 0.8, 0.1 (mean 0.6, std 0.3559), negatives
+    # 0.2, 0.1, 0.85 (mean 0.3833, std 0.3325)
+    assert z == pytest.approx([(0.6 - 0.1) / 0.35590, (0.85 - 0.38333) / 0.33250], abs=1e-3)  # 1.405, 1.404
     # [given][confident]: given 0 -> images 3, 4 confidently 0 and image 5 confidently 1; given 1 -> image 2
     # confidently 0, images 0 and 1 confidently 1; class 1 is not audited, so image 5's 0.95 counts nowhere
     assert joint[:, :, 0].tolist() == [[2, 1], [1, 2]] and joint[:, :, 1].tolist() == [[0, 0], [0, 0]]
 
 
-def test_pair_quality_is_one_when_agreeing_and_half_on_the_flagging_line():
-    assert pair_quality(np.array([-3.0, 0.0, 1.0, 2.0])).tolist() == pytest.approx([1, 1, 0.5, 0.2])
+def test_pair_quality_is_one_on_the_agreeing_side_and_the_normal_tail_beyond():
+    quality = pair_quality(np.array([-3.0, 0.0, 1.0, 2.0], np.float32))
+    assert quality.tolist() == pytest.approx([1, 1, 0.3173, 0.0455], abs=1e-4)
