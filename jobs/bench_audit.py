@@ -14,12 +14,13 @@ For each set it
    removed (a given 1 set to 0), half added (a 0 set to 1), and writes the noisy lists beside hard links to the images;
 3. runs ``mlcls -c <model> -o Global.mode=audit`` on the noisy set, as a subprocess;
 4. scores the flagged (image, class) pairs against the flips: precision, recall and F1 as flagged, and at the top K
-   where K is the number of flips (the issues in the audit's order: image rank, then pair quality). cleanlab's
+   where K is the number of flips (the issues by pair quality, ties by image rank). cleanlab's
    ``multilabel_classification.filter.find_multilabel_issues_per_class`` gets the audit's own out-of-fold scores
    (``audit/oof_scores/``) and is scored the same way, its top K ranked by its per-class self-confidence; the
    misses are split into removed and added flips, per class (in the JSON);
-5. accepts every issue (``audit_decisions.csv`` through ``Audit.apply``), trains with the same recipe on the noisy and
-   on the fixed lists, and evaluates both on the clean val labels.
+5. fixes the lists through ``Audit.apply`` with the ``audit_decisions.csv`` a person would download: by default the
+   top K issues decided by a reviewer who knows the flips (``--accept all``: every issue accepted unseen), trains
+   with the same recipe on the noisy and on the fixed lists, and evaluates both on the clean val labels.
 
 It prints one table and writes ``bench_audit.json`` under ``--output``. cleanlab is AGPL: a benchmark reference in
 the test extra, never imported by ``mlcls_ray``.
@@ -136,9 +137,10 @@ def score(found: list[tuple[int, int]], truth: set[tuple[int, int]]) -> dict:
 
 
 def ours(audit_dir: Path, lists: Lists) -> list[tuple[int, int]]:
-    """The audit's issues as (row, class) pairs, most likely first (image rank, then pair quality)."""
+    """The audit's issues as (row, class) pairs, most likely first: by pair quality (issues.parquet lists them by
+    image for a reviewer; the flips are pairs), ties by image rank."""
     table = pq.read_table(audit_dir / "issues.parquet", columns=["path", "class_id", "rank", "pair_quality"])
-    order = sorted(zip(table["rank"].to_pylist(), table["pair_quality"].to_pylist(), table["path"].to_pylist(),
+    order = sorted(zip(table["pair_quality"].to_pylist(), table["rank"].to_pylist(), table["path"].to_pylist(),
                        table["class_id"].to_pylist()))
     return [(lists.row[path], class_id) for _, _, path, class_id in order]
 
@@ -196,13 +198,20 @@ def _opts(settings: list[str]) -> list[str]:
     return [a for s in settings for a in ("-o", s)]
 
 
-def write_decisions(audit_dir: Path, path: Path) -> None:
-    """audit_decisions.csv with every issue accepted, as the review page would write it."""
-    table = pq.read_table(audit_dir / "issues.parquet", columns=DECISIONS_HEADER[:-1]).to_pylist()
+def write_decisions(audit_dir: Path, path: Path, flipped: set[tuple[str, int]] | None, top: int) -> int:
+    """audit_decisions.csv as the review page writes it: every issue accepted (``flipped`` None), or the ``top``
+    issues by pair quality decided by a reviewer who knows the flips (accepted if flipped, else rejected), as a
+    person working down the page would. Returns how many were accepted."""
+    table = sorted(pq.read_table(audit_dir / "issues.parquet").to_pylist(), key=lambda r: (r["pair_quality"],
+                                                                                         r["rank"]))
+    if flipped is not None:
+        table = table[:top]
+    accept = [flipped is None or (row["path"], row["class_id"]) in flipped for row in table]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(DECISIONS_HEADER)
-        writer.writerows([*(row[k] for k in DECISIONS_HEADER[:-1]), "true"] for row in table)
+        writer.writerows([*(row[k] for k in DECISIONS_HEADER[:-1]), str(a).lower()] for row, a in zip(table, accept))
+    return sum(accept)
 
 
 def val_map(model: str, train_root: Path, clean: Path, out: Path, train: list[str]) -> float:
@@ -218,9 +227,11 @@ def val_map(model: str, train_root: Path, clean: Path, out: Path, train: list[st
 
 def bench_set(name: str, args: argparse.Namespace, train: list[str], audit: list[str]) -> dict:
     out = Path(args.output) / name
-    if out.exists():
+    if out.exists() and not args.resume:
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for retrain in ("noisy", "fixed", "apply"):
+        shutil.rmtree(out / retrain, ignore_errors=True)
     data = Path(args.data) / f"audit_{name}{'_quick' if args.quick else ''}"
     clean = build_set(name, data / "clean", args.quick)
     lists = Lists(clean)
@@ -258,7 +269,9 @@ def bench_set(name: str, args: argparse.Namespace, train: list[str], audit: list
         return result
 
     decisions = out / "audit_decisions.csv"
-    write_decisions(audit_dir, decisions)
+    flipped = None if args.accept == "all" else {(lists.paths[r], c) for r, c in truth}
+    result["accepted"] = write_decisions(audit_dir, decisions, flipped, len(flips))
+    result["accept"] = args.accept
     lists.write(linked_copy(data / "fixed", clean), noisy_labels)
     mlcls(["-c", args.model, *_opts(["Global.mode=audit", f"Global.dataset_dir={data / 'fixed'}",
                                      f"Global.output={out / 'apply'}", "Global.device=cpu",
@@ -296,8 +309,10 @@ def report(results: dict, header: str) -> None:
               f"{r['ours']['recall_added']:.3f}, cleanlab {r['cleanlab']['recall_removed']:.3f} / "
               f"{r['cleanlab']['recall_added']:.3f}")
         if "map_noisy" in r:
-            print(f"  label errors {r['label_errors']['noisy']} -> {r['label_errors']['fixed']} after accepting every "
-                  f"issue; clean val mAP {r['map_noisy']:.3f} -> {r['map_fixed']:.3f} "
+            how = ("accepting every issue" if r["accept"] == "all" else
+                   f"a review of the top {r['flips']} ({r['accepted']} accepted)")
+            print(f"  label errors {r['label_errors']['noisy']} -> {r['label_errors']['fixed']} after {how}; "
+                  f"clean val mAP {r['map_noisy']:.3f} -> {r['map_fixed']:.3f} "
                   f"({r['map_fixed'] - r['map_noisy']:+.3f}); retraining {r['retrain_s']:.0f} s")
 
 
@@ -309,6 +324,11 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.05, help="flips, as a fraction of the positive labels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the flips")
     parser.add_argument("--no-retrain", action="store_true", help="detection only: skip apply and the two trainings")
+    parser.add_argument("--accept", choices=("reviewed", "all"), default="reviewed",
+                        help="what Audit.apply gets: the top K issues as a reviewer who knows the flips decides them "
+                             "(default), or every issue accepted unseen")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep each set's audit output: the audit resumes (scored folds are not trained again)")
     parser.add_argument("--data", default="bench_data")
     parser.add_argument("--output", default="output/bench_audit")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
