@@ -43,6 +43,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) jobs/bench_accuracy.py
+	$(PY) jobs/bench_audit.py
 	$(PY) jobs/bench_check.py --memory 20000
 	$(PY) jobs/bench_manifest.py
 	$(PY) jobs/bench_metrics.py --classes 4000 --baseline-classes 1000
