@@ -33,10 +33,11 @@ demo: demo-data
 		-o Label.input=$(DEMO_DIR)/images -o Label.output=$(DEMO_OUT)/labels
 	$(PY) jobs/compare_labels.py $(DEMO_OUT)/labels $(DEMO_DIR)
 
-# the label audit on the demo set: 3 folds of the demo's recipe at 4 epochs (about 15 minutes on 2 cores); open
-# output/demo/audit/review.html, then apply its downloaded decisions with -o Audit.apply=audit_decisions.csv
+# the label audit on the demo set: 3 folds of the demo's recipe (about 20 minutes on 2 cores; fewer epochs leave
+# models too weak to audit with); open output/demo/audit/review.html, then apply its downloaded decisions with
+# -o Audit.apply=audit_decisions.csv
 audit-demo: demo-data
-	$(VENV)/bin/mlcls -c $(DEMO_MODEL) -o Global.mode=audit $(DEMO_TRAIN) -o Train.epochs_iters=4 -o Audit.folds=3
+	$(VENV)/bin/mlcls -c $(DEMO_MODEL) -o Global.mode=audit $(DEMO_TRAIN) -o Audit.folds=3
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
