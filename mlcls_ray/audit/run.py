@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -50,6 +51,7 @@ ISSUES_FILE = "issues.parquet"
 REVIEW_PAGE = "review.html"
 SCORES_DIR = "oof_scores"  # one folder of Parquet files per fold: path, fold, scores (probabilities, class order)
 _SCORED = "scored.json"  # in a fold's folder once its scores are complete
+_PLAN = "plan.json"  # beside the folds: which image is in which fold
 _BATCH_ROWS = 8192
 
 
@@ -161,6 +163,7 @@ def _score_out_of_fold(cfg: Config, root: str, names: list[str], manifest: Manif
 
     k = cfg["Audit.folds"]
     fold = assign_folds(manifest, k, cfg["Train.seed"])
+    _check_plan(storage.join(out, "folds", _PLAN), manifest, fold, k, cfg["Train.seed"])
     todo = [f for f in range(k) if not storage.exists(storage.join(out, "folds", f"fold_{f}", _SCORED))]
     at_once = parallel_folds(cfg, len(todo)) if todo else 1
     if todo:
@@ -182,6 +185,25 @@ def _score_out_of_fold(cfg: Config, root: str, names: list[str], manifest: Manif
         for done in [pool.submit(one, f) for f in todo]:
             done.result()
     return [_fold_record(out, f) for f in range(k)]
+
+
+def _check_plan(uri: str, manifest: Manifest, fold: np.ndarray, k: int, seed: int) -> None:
+    """Record which image is in which fold; refuse to go on with folds made for other lists (a rerun after the lists
+    or ``Audit.folds`` changed would mix scores of two splits and leave images unscored)."""
+    order = manifest.path_order()
+    digest = hashlib.sha256(fold[order].tobytes())
+    for buffer in manifest.paths.take(pa.array(order)).combine_chunks().buffers()[1:]:
+        digest.update(buffer)
+    plan = {"folds": k, "seed": seed, "images": len(manifest), "assignment_sha256": digest.hexdigest()}
+    if not storage.exists(uri):
+        storage.write_text(uri, json.dumps(plan) + "\n")
+        return
+    made = json.loads(storage.read_text(uri))
+    if made != plan:
+        changed = ", ".join(f"{key} {made.get(key)} there, {plan[key]} now" for key in plan
+                            if made.get(key) != plan[key])
+        raise ValueError(f"{uri}: the folds in this output were made for other lists ({changed}); audit into a new "
+                         "Global.output, or give their scores as Audit.scores to audit the lists as they are now")
 
 
 def _score_fold(cfg: Config, root: str, held: Manifest, f: int, fold_out: str, scores: str) -> None:

@@ -84,3 +84,8 @@ def test_out_of_fold_scores_come_from_the_model_that_never_saw_the_image(tmp_pat
     assert _audit(root, out, "Audit.folds=2", "Train.epochs_iters=2") == 0  # a rerun trains nothing again
     assert "training fold" not in capsys.readouterr().out
     assert (out / "audit" / "issues.parquet").read_bytes() == issues
+
+    train = root / "train.txt"  # the lists change (an image dropped): these folds no longer fit them
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))
+    assert _audit(root, out, "Audit.folds=2", "Train.epochs_iters=2") == 1
+    assert "the folds in this output were made for other lists (images 128 there, 127 now" in capsys.readouterr().err
