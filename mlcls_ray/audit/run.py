@@ -162,8 +162,10 @@ def _score_out_of_fold(cfg: Config, root: str, names: list[str], manifest: Manif
     from mlcls_ray.train.run import run_train  # Ray Train's import is slow; only the fold runs need it
 
     k = cfg["Audit.folds"]
-    fold = assign_folds(manifest, k, cfg["Train.seed"])
-    _check_plan(storage.join(out, "folds", _PLAN), manifest, fold, k, cfg["Train.seed"])
+    order = manifest.path_order()
+    fold = assign_folds(manifest, k, cfg["Train.seed"], order)
+    _check_plan(storage.join(out, "folds", _PLAN), manifest, order, fold, k, cfg["Train.seed"])
+    del order
     todo = [f for f in range(k) if not storage.exists(storage.join(out, "folds", f"fold_{f}", _SCORED))]
     at_once = parallel_folds(cfg, len(todo)) if todo else 1
     if todo:
@@ -187,10 +189,10 @@ def _score_out_of_fold(cfg: Config, root: str, names: list[str], manifest: Manif
     return [_fold_record(out, f) for f in range(k)]
 
 
-def _check_plan(uri: str, manifest: Manifest, fold: np.ndarray, k: int, seed: int) -> None:
-    """Record which image is in which fold; refuse to go on with folds made for other lists (a rerun after the lists
-    or ``Audit.folds`` changed would mix scores of two splits and leave images unscored)."""
-    order = manifest.path_order()
+def _check_plan(uri: str, manifest: Manifest, order: np.ndarray, fold: np.ndarray, k: int, seed: int) -> None:
+    """Record which image is in which fold (``order``: the manifest's path order); refuse to go on with folds made
+    for other lists (a rerun after the lists or ``Audit.folds`` changed would mix scores of two splits and leave
+    images unscored)."""
     digest = hashlib.sha256(fold[order].tobytes())
     for buffer in manifest.paths.take(pa.array(order)).combine_chunks().buffers()[1:]:
         digest.update(buffer)
