@@ -4,6 +4,7 @@ test_train_exact.py; node loss, S3 data and S3 outputs in tests/cluster/test_mul
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,20 @@ def _result(output: str, name: str = "train_result.json") -> dict:
     return json.loads(storage.read_text(storage.join(output, name)))
 
 
-def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadrants, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a relative Global.output means the driver's folder, not a Ray worker's
-    out = tmp_path / "out"
-    assert _train(str(quadrants), "out", "Train.epochs_iters=2", "Train.save_interval=1") == 0
+@pytest.fixture(scope="module")
+def two_epochs(quadrants, tmp_path_factory) -> Path:
+    """A finished run of 2 epochs, every epoch saved; the outputs test reads it, the resume test goes on from a copy
+    (each Ray Train run costs half a minute of start-up here)."""
+    folder = tmp_path_factory.mktemp("two_epochs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # a relative Global.output means the driver's folder, not a Ray worker's
+        assert _train(str(quadrants), "out", "Train.epochs_iters=2", "Train.save_interval=1") == 0
+    return folder / "out"
+
+
+def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadrants, two_epochs, monkeypatch):
+    monkeypatch.chdir(two_epochs.parent)
+    out = two_epochs
     result = _result(str(out))
     assert result["done_flag"] is True and result["model_name"] == _MODEL
     best = result["models"]["best"]
@@ -81,19 +92,20 @@ def test_outputs_follow_paddlex_and_the_model_folder_reproduces_evaluate(quadran
     assert evaluated["metrics"]["per_class_AP"] == pytest.approx(ap, abs=1e-5)  # each block at its own classes
 
 
-def test_resume_path_latest_continues_a_finished_run(quadrants, tmp_path):
+def test_resume_path_latest_continues_a_finished_run(quadrants, two_epochs, tmp_path):
     out = tmp_path / "out"
-    assert _train(str(quadrants), str(out), "Train.epochs_iters=1") == 0
+    shutil.copytree(two_epochs, out)  # the finished 2-epoch run, moved: its checkpoints are found under the new path
     first = latest_checkpoint(str(out))
-    assert first is not None and first.endswith("epoch_1")
-    assert _train(str(quadrants), str(out), "Train.epochs_iters=2", "Train.resume_path=latest") == 0
+    assert first is not None and first.startswith(str(out)) and first.endswith("epoch_2")
+    assert _train(str(quadrants), str(out), "Train.epochs_iters=3", "Train.resume_path=latest") == 0
     log = (out / "train.log").read_text()
-    assert f"epochs 2-2, resumed from {first}" in log
-    assert "[Train][Epoch 1/1][Avg]" in log  # the first run's lines are kept...
-    assert "[Train][Epoch 1/2]" not in log and "[Train][Epoch 2/2][Avg]" in log  # ...and epoch 1 is not retrained
-    assert latest_checkpoint(str(out)).endswith("epoch_2")
-    assert _train(str(quadrants), str(out), "Train.epochs_iters=2", "Train.resume_path=latest") == 1  # nothing to do
-    assert _result(str(out))["err_msg"].endswith("has trained 2 epochs and Train.epochs_iters is 2; raise "
+    assert f"epochs 3-3, resumed from {first}" in log
+    assert "[Train][Epoch 2/2][Avg]" in log  # the first run's lines are kept...
+    assert "[Train][Epoch 1/3]" not in log and "[Train][Epoch 2/3]" not in log  # ...epochs 1-2 are not retrained
+    assert "[Train][Epoch 3/3][Avg]" in log
+    assert latest_checkpoint(str(out)).endswith("epoch_3")
+    assert _train(str(quadrants), str(out), "Train.epochs_iters=3", "Train.resume_path=latest") == 1  # nothing to do
+    assert _result(str(out))["err_msg"].endswith("has trained 3 epochs and Train.epochs_iters is 3; raise "
                                                  "Train.epochs_iters to train on")
 
 
