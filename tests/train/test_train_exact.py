@@ -5,6 +5,7 @@ another worker count is handled before any worker starts."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -98,17 +99,26 @@ def _flat(state: dict) -> torch.Tensor:
     return torch.cat([v.flatten().double() for v in state.values() if v.is_floating_point()])
 
 
-def test_a_resumed_run_ends_with_the_weights_and_rates_of_an_uninterrupted_one(small, tmp_path):
+_WHOLE = ["Train.num_workers=1", "Train.batch_size=32", "Train.epochs_iters=4", "Train.warmup_steps=1",
+          "Train.lr_scheduler=cosine", "Train.ema_decay=0.5"]
+
+
+@pytest.fixture(scope="module")
+def whole(small, tmp_path_factory) -> Path:
+    """An uninterrupted run of 4 full-batch epochs of test_resnet_ML; tests read it or copy it, never change it
+    (each Ray Train run costs half a minute of start-up here)."""
+    out = tmp_path_factory.mktemp("whole") / "whole"
+    assert _train("test_resnet_ML", small, out, *_WHOLE) == 0
+    return out
+
+
+def test_a_resumed_run_ends_with_the_weights_and_rates_of_an_uninterrupted_one(small, whole, tmp_path):
     """Full-batch steps (one an epoch) make the data order irrelevant, so a run resumed from epoch 2 of 4 must
     end where the uninterrupted run does: it fails if the model, optimiser, EMA or schedule is not restored.
     Each epoch's recorded rate is the schedule's at that step: it fails if the loop does not step it."""
-    common = ["Train.num_workers=1", "Train.batch_size=32", "Train.epochs_iters=4", "Train.warmup_steps=1",
-              "Train.lr_scheduler=cosine",
-              "Train.ema_decay=0.5"]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    assert _train("test_resnet_ML", small, whole, *common) == 0
+    resumed = tmp_path / "resumed"
     epoch_2 = latest_checkpoint(str(whole)).rsplit("epoch_", 1)[0] + "epoch_2"
-    assert _train("test_resnet_ML", small, resumed, *common, f"Train.resume_path={epoch_2}") == 0
+    assert _train("test_resnet_ML", small, resumed, *_WHOLE, f"Train.resume_path={epoch_2}") == 0
     assert "epochs 3-4, resumed from" in (resumed / "train.log").read_text()
 
     expected, got = _state(whole), _state(resumed)
@@ -144,12 +154,11 @@ def test_bf16_channels_last_then_fp16_with_a_scaler_on_another_worker_count(smal
     assert np.isfinite(state["history"][-1]["map_raw"])
 
 
-def test_resuming_another_model_stops_at_once_with_one_line(small, tmp_path, capsys):
+def test_resuming_another_model_stops_at_once_with_one_line(small, whole, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _train("test_resnet_ML", small, out, "Train.num_workers=1", "Train.batch_size=32",
-                  "Train.epochs_iters=1") == 0
+    shutil.copytree(whole, out)  # a finished run of test_resnet_ML in this output
     capsys.readouterr()
-    assert _train("test_vit_ML", small, out, "Train.epochs_iters=2", "Train.resume_path=latest") == 1
+    assert _train("test_vit_ML", small, out, "Train.epochs_iters=5", "Train.resume_path=latest") == 1
     err = capsys.readouterr().err
     assert "is a checkpoint of test_resnet_ML and does not fit test_vit_ML" in err
     assert "backbone 'test_resnet' vs 'test_vit'" in err and "Traceback" not in err
