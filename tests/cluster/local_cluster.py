@@ -59,7 +59,11 @@ class LocalCluster:
         return node
 
     def add_worker(self, cpus: int) -> subprocess.Popen:
-        return self._start([f"--address={self.gcs}"], cpus)
+        """A worker node with its own temp dir, as on its own machine. Nodes sharing the head's share its
+        runtime_resources: a training worker restarted as a node joined was seen to find its job package gone, and
+        its raylet waited the 60 s worker registration timeout."""
+        own = self.temp_dir / f"n{len(self.nodes)}"
+        return self._start([f"--address={self.gcs}", f"--temp-dir={own}"], cpus)
 
     def get(self, path: str, **query) -> dict:
         """A GET of the dashboard's HTTP API (Jobs and state) with the cluster's token."""
