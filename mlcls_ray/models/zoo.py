@@ -153,10 +153,12 @@ def _hub_backbone(spec: ModelSpec, tag: str) -> nn.Module:
     try:
         return timm.create_model(f"{spec.backbone}.{tag}", pretrained=True, **_backbone_kwargs(spec))
     except Exception as exc:  # offline, hub errors, a cache without the file: all end the same way
+        generic = f"{spec.backbone}_ML"  # a preset's rate and schedule fine-tune; the generic recipe is from scratch
+        scratch = "" if spec.name == generic else f" (with -c {generic}, whose rate and schedule are for that)"
         raise PretrainedError(
             f"cannot fetch {spec.backbone}.{tag} from the model hub ({type(exc).__name__}); this machine may be "
             "offline. Pass a file with -o Train.pretrain_weight_path=/path/or/s3://bucket/weights.safetensors "
-            "(a timm or open_clip state dict), or -o Train.pretrain_weight_path=None to train from scratch"
+            f"(a timm or open_clip state dict), or -o Train.pretrain_weight_path=None to train from scratch{scratch}"
         ) from None
 
 

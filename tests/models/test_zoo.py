@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import huggingface_hub.constants
 import pytest
 import timm
@@ -199,6 +201,12 @@ def test_offline_hub_says_what_to_pass_instead(tmp_path, monkeypatch):
     assert "\n" not in msg
     assert f"cannot fetch resnet18.{tag} from the model hub" in msg and "offline" in msg
     assert "-o Train.pretrain_weight_path=/path" in msg and "-o Train.pretrain_weight_path=None" in msg
+    assert "-c resnet18_ML" not in msg  # already the from-scratch recipe
+
+    # a preset fine-tunes at 1e-4 with cosine: from scratch the user is pointed at the generic recipe
+    with pytest.raises(PretrainedError) as err:
+        build_model(dataclasses.replace(_tiny_spec(), name="ResNet18_preset_ML"), tag)
+    assert "-o Train.pretrain_weight_path=None to train from scratch (with -c resnet18_ML," in str(err.value)
 
 
 def test_unknown_hub_tag_lists_the_available_tags():
