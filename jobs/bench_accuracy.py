@@ -2,20 +2,22 @@
 
     python jobs/bench_accuracy.py                                  # digits grid and shapes, LR sweep, all methods
     python jobs/bench_accuracy.py --sets digits --lrs 2e-3 --methods timm,recipe
+    python jobs/bench_accuracy.py --sets digits --lrs 2e-3 --model hgnetv2_b0_ML -o Arch.tap=head.last_conv
 
 For each data set and learning rate it trains, from scratch, with the same epochs, global batch, images and size:
 
 - ``timm``: a plain single-process loop over the backbone with timm's own head (global pool + linear), BCE, AdamW
   at a constant rate, no augmentation: the baseline anyone would write first;
-- ``recipe``: the project's model, loss, optimiser and schedule (ML-Decoder head at its own rate, ASL, warm-up +
-  cosine) in the same kind of loop, without Ray (:func:`mlcls_ray.train.baseline.plain_train`);
+- ``recipe``: the project's model, loss, optimiser and schedule (ML-Decoder head at its own rate, ASL, the config's
+  ``Train.lr_scheduler``) in the same kind of loop, without Ray (:func:`mlcls_ray.train.baseline.plain_train`);
 - ``mlcls-1`` / ``mlcls-2``: ``mlcls -c <model> -o Global.mode=train`` through Ray Train on 1 and 2 CPU workers.
 
 and prints val mAP and wall time in one table, with each row's gap to the timm loop at the same rate. The swept
 rate is the backbone's (``Train.learning_rate``); the head keeps the recipe's ``Train.head_learning_rate``. The data
 sets: ``digits`` (scikit-learn's digits on a 2 x 2 grid, 10 classes, :mod:`mlcls_ray.data.digits`) and ``shapes``
-(the demo's set, :mod:`mlcls_ray.data.synthetic`, as ``make demo`` builds it). Every other setting is the recipe's
-default, except those the table shares (epochs, batch, size, no pretrained weights, no augmentation, no EMA).
+(the former demo set, :mod:`mlcls_ray.data.synthetic`: small shapes on noisy backgrounds). Every other setting is
+the recipe's default, except those the table shares (epochs, batch, size, no pretrained weights, no augmentation,
+no EMA).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def build_set(name: str, root: Path) -> Path:
         return root
     if name == "digits":
         return generate_digits(root, 1200, 400, size=64)
-    return generate(root, 3000, min_size=64, max_size=128)  # the demo's set (make demo-data)
+    return generate(root, 3000, min_size=64, max_size=128)  # the former demo set
 
 
 def _splits(root: Path) -> tuple[list[str], Manifest, Manifest]:
