@@ -23,6 +23,7 @@ demo-data: $(VENV)/.installed
 	$(PY) -m mlcls_ray.data.digits $(DEMO_DIR) --num-train 2400 --num-val 600
 
 demo: demo-data
+	rm -rf $(DEMO_OUT)  # the demo's own output: a rerun trains a new model, and labels refuse another model's output
 	$(VENV)/bin/mlcls -c PP-LCNet_x1_0_ML -o Global.mode=check_dataset \
 		-o Global.dataset_dir=$(DEMO_DIR) -o Global.output=$(DEMO_OUT) \
 		-o CheckDataset.convert.enable=True -o CheckDataset.convert.src_dataset_type=COCO \
