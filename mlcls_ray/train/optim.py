@@ -3,10 +3,11 @@ linear warm-up then PaddleX's cosine or a constant rate (``Train.lr_scheduler``)
 
 The head's rate is capped because the head is a post-norm transformer decoder behind a ReLU projection: at the
 rates a backbone trained from scratch wants (1e-3 and up), most of its projected channels die (ReLU never fires
-again) and its outputs stop depending on the image, the "same predictions for every image" failure. The cap
-(``Train.head_learning_rate``, 5e-5) is the best of those measured from scratch on three backbones of 512 and 2048
-channels; 2e-4 left ResNet-50 0.06 and HGNetV2-B0 0.18 mAP short of a plain timm loop. Below the cap the head trains
-at the backbone's rate, as PaddleX trains both (``jobs/bench_accuracy.py``).
+again) and its outputs stop depending on the image, the "same predictions for every image" failure. The
+from-scratch cap (``Train.head_learning_rate``, 5e-5) is the best of those measured on three backbones of 512 and
+2048 channels; 2e-4 left ResNet-50 0.06 and HGNetV2-B0 0.18 mAP short of a plain timm loop
+(``jobs/bench_accuracy.py``). The presets set the cap to their fine-tuning rate, so head and backbone train at one
+rate, as PaddleX trains both.
 """
 
 from __future__ import annotations
